@@ -1,0 +1,54 @@
+# spine1k workspace. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PROFILE ?= synthetic
+PYTHON_BASE ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+FORCE ?=
+STAGES ?=
+PYTEST_ARGS ?=
+export PYTHONUNBUFFERED := 1
+export MPLBACKEND := Agg
+
+.PHONY: help setup lab reproduce test test-all bench lint clean check-params
+
+help: ## List the targets with a one-line description
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: PROFILE=$(PROFILE) (synthetic|ci|paper)  FORCE=1 re-runs stages  STAGES=02-04 subset"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[preview,dev]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (spine1k)" >/dev/null
+	@touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv and install the workspace (idempotent; re-runs when pyproject.toml changes)
+
+lab: $(STAMP) ## Start JupyterLab on localhost (token kept; open the printed URL)
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+reproduce: $(STAMP) ## Run every notebook in order with params/PROFILE/ into runs/PROFILE/ (skips up-to-date stages)
+	$(PY) -m lib.pipeline --profile $(PROFILE) $(if $(FORCE),--force,) $(if $(STAGES),--stages $(STAGES),)
+
+check-params: $(STAMP) ## Validate every params file against its notebook's parameters cell
+	$(PY) -m lib.params
+
+test: $(STAMP) ## Fast test suite (no `slow` tests; a few minutes)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: $(STAMP) ## Full test suite including `slow` tests (DDP, browser, paper-scale)
+	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+
+bench: $(STAMP) ## Benchmarks: NIfTI loading, phantom, evaluation, conversion, model (ratios vs competitors)
+	@for f in bench/bench_*.py; do echo "=== $$f"; $(PY) $$f $(BENCH_ARGS) || exit 1; done
+
+lint: $(STAMP) ## ruff on lib, tests, bench and notebooks
+	$(VENV)/bin/ruff check lib tests bench notebooks
+
+clean: ## Remove run outputs (runs/) and caches; never data/ sources
+	rm -rf runs .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

@@ -1,0 +1,107 @@
+"""Where everything lives, derived from the profile.
+
+``data/<profile>/`` holds data (``sources/`` raw and read-only once written, ``oracle/`` synthetic
+truth read only by simulated annotators and evaluation, ``CTSpine1K/`` the curated release);
+``runs/<profile>/NN_stage/`` holds each stage's outputs. The roots default to the repository
+folders and can be moved with the environment variables ``SPINE1K_DATA`` and ``SPINE1K_RUNS``
+(tests point them at temporary folders).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROFILES = ("synthetic", "ci", "paper")
+STAGES = (
+    "00_sources",
+    "01_curation",
+    "02_pretraining",
+    "03_annotation",
+    "04_benchmark",
+    "05_failure_l6",
+    "06_failure_lowz",
+)
+SPLITS = ("trainset", "test_public", "test_private")
+
+
+def data_root() -> Path:
+    """Root of all data folders (``$SPINE1K_DATA`` or ``<repo>/data``)."""
+    return Path(os.environ.get("SPINE1K_DATA", REPO_ROOT / "data"))
+
+
+def runs_root() -> Path:
+    """Root of all run folders (``$SPINE1K_RUNS`` or ``<repo>/runs``)."""
+    return Path(os.environ.get("SPINE1K_RUNS", REPO_ROOT / "runs"))
+
+
+def check_profile(profile: str) -> str:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; expected one of {PROFILES}")
+    return profile
+
+
+@dataclass(frozen=True)
+class ProfilePaths:
+    """All folders of one profile. Nothing is created until a stage asks for it."""
+
+    profile: str
+
+    @property
+    def data(self) -> Path:
+        return data_root() / self.profile
+
+    @property
+    def sources(self) -> Path:
+        """Raw sources as downloaded (or generated): COLONOG, HNSCC, MSD_T10, COVID19, VerSe."""
+        return self.data / "sources"
+
+    @property
+    def oracle(self) -> Path:
+        """Synthetic truth masks/centroids; read only by simulated annotators and evaluation."""
+        return self.data / "oracle"
+
+    @property
+    def release(self) -> Path:
+        """The curated CTSpine1K release layout."""
+        return self.data / "CTSpine1K"
+
+    def split_dir(self, split: str, kind: str = "data") -> Path:
+        """``CTSpine1K/<split>/<kind>`` with kind ``data`` (images) or ``gt`` (masks)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if kind not in ("data", "gt"):
+            raise ValueError(f"unknown kind {kind!r}; expected 'data' or 'gt'")
+        return self.release / split / kind
+
+    @property
+    def runs(self) -> Path:
+        return runs_root() / self.profile
+
+    def stage(self, stage: str) -> Path:
+        """``runs/<profile>/<stage>/``; ``stage`` is a name from :data:`STAGES`."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        return self.runs / stage
+
+    def figures(self, stage: str) -> Path:
+        return self.stage(stage) / "figures"
+
+    def tables(self, stage: str) -> Path:
+        return self.stage(stage) / "tables"
+
+    def models(self, stage: str) -> Path:
+        return self.stage(stage) / "models"
+
+
+def for_profile(profile: str) -> ProfilePaths:
+    """Paths of a profile (``synthetic``, ``ci`` or ``paper``)."""
+    return ProfilePaths(check_profile(profile))
+
+
+def ensure(path: Path) -> Path:
+    """Create a folder (and parents) and return it."""
+    path.mkdir(parents=True, exist_ok=True)
+    return path

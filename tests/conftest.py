@@ -1,0 +1,25 @@
+"""Shared fixtures: every test writes under a temporary data/runs root, never the repo's."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+import numpy as np
+import pytest
+
+matplotlib.use("Agg")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True)
+def isolated_roots(tmp_path, monkeypatch):
+    """Point SPINE1K_DATA / SPINE1K_RUNS at tmp folders for every test."""
+    monkeypatch.setenv("SPINE1K_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("SPINE1K_RUNS", str(tmp_path / "runs"))
+    yield
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)

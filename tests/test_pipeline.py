@@ -1,0 +1,71 @@
+"""lib.pipeline: papermill runs in order, skips up-to-date stages, chains re-runs, reports failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lib import pipeline
+from lib.params import ParamsError
+
+
+def _nb(path, params_src, body):
+    cells = [
+        {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": params_src, "outputs": [], "execution_count": None},
+        {"cell_type": "code", "metadata": {}, "source": body, "outputs": [], "execution_count": None},
+    ]
+    nb = {"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    path.write_text(json.dumps(nb))
+
+
+@pytest.fixture
+def project(tmp_path):
+    nbd, pd = tmp_path / "notebooks", tmp_path / "params" / "ci"
+    nbd.mkdir()
+    pd.mkdir(parents=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    for stage in ("00_first", "01_second"):
+        _nb(nbd / f"{stage}.ipynb",
+            'profile: str = "synthetic"  # profile\nvalue: int = 1  # a number\n',
+            f"import pathlib\np = pathlib.Path({str(out)!r}) / '{stage}.txt'\n"
+            "p.write_text(p.read_text() + 'x' if p.exists() else 'x')\n"
+            "assert value >= 0, 'value must be non-negative'\n")
+        (pd / f"{stage}.yaml").write_text("profile: ci\nvalue: 2\n")
+    return tmp_path, out
+
+
+def _run(root, **kw):
+    return pipeline.run("ci", notebook_dir=root / "notebooks", params_dir=root / "params", log=lambda m: None, **kw)
+
+
+def test_runs_then_skips_then_reruns_downstream(project):
+    root, out = project
+    assert _run(root) == {"00_first": "ran", "01_second": "ran"}
+    assert _run(root) == {"00_first": "skipped", "01_second": "skipped"}
+    (root / "params" / "ci" / "00_first.yaml").write_text("profile: ci\nvalue: 3\n")
+    assert _run(root) == {"00_first": "ran", "01_second": "ran"}  # downstream of a change re-runs
+    (root / "params" / "ci" / "01_second.yaml").write_text("profile: ci\nvalue: 4\n")
+    assert _run(root) == {"00_first": "skipped", "01_second": "ran"}
+    assert (out / "00_first.txt").read_text() == "xx" and (out / "01_second.txt").read_text() == "xxx"
+    assert _run(root, force=True, stages_spec="01") == {"01_second": "ran"}
+
+
+def test_failure_names_stage_and_cell(project):
+    root, _ = project
+    (root / "params" / "ci" / "01_second.yaml").write_text("profile: ci\nvalue: -1\n")
+    with pytest.raises(pipeline.StageFailed) as info:
+        _run(root)
+    msg = str(info.value)
+    assert "01_second FAILED" in msg and "AssertionError" in msg and "value must be non-negative" in msg
+    assert "p.write_text" in msg  # the failing cell's source
+
+
+def test_params_typo_stops_before_anything_runs(project):
+    root, out = project
+    (root / "params" / "ci" / "01_second.yaml").write_text("profile: ci\nvalu: 4\n")
+    with pytest.raises(ParamsError, match="'valu'.*'value'"):
+        _run(root)
+    assert not (out / "00_first.txt").exists()
