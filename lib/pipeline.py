@@ -10,7 +10,8 @@
   successful run (a fingerprint chained through the stages, so touching one params file re-runs
   that stage and every stage after it); ``--force`` re-runs;
 * stops at the first failing stage and prints the papermill error and the cell that failed;
-* prints progress per stage and the total wall time, and keeps ``runs/<profile>/pipeline.json``.
+* prints progress per stage and the total wall time, keeps ``runs/<profile>/pipeline.json`` and
+  writes the run report ``runs/<profile>/report.html`` (:mod:`lib.report`).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def _read_stamp(path: Path) -> dict:
 
 def run(profile: str = "synthetic", force: bool = False, stages_spec: str | None = None,
         notebook_dir: Path | None = None, params_dir: Path | None = None, kernel: str | None = None,
-        log=print) -> dict:
+        report: bool = True, log=print) -> dict:
     """Run the pipeline. Returns ``{stage: "ran" | "skipped"}``; raises on the first failure.
 
     Args:
@@ -88,6 +89,7 @@ def run(profile: str = "synthetic", force: bool = False, stages_spec: str | None
         stages_spec: restrict to some stages (``"02-04"``); upstream fingerprints still chain.
         notebook_dir, params_dir: alternative folders (tests).
         kernel: Jupyter kernel name (default: the notebook's own, ``python3`` of this env).
+        report: build ``runs/<profile>/report.html`` at the end.
     """
     import papermill as pm
 
@@ -147,6 +149,10 @@ def run(profile: str = "synthetic", force: bool = False, stages_spec: str | None
     write_text(paths.runs / "pipeline.json", json.dumps(summary, indent=2) + "\n")
     log(f"pipeline {profile}: {sum(v == 'ran' for v in status.values())} ran, "
         f"{sum(v == 'skipped' for v in status.values())} skipped, total {total:.1f} s")
+    if report:
+        from lib.report import build_report
+
+        log(f"report: {build_report(profile)}")
     return status
 
 

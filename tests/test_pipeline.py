@@ -38,7 +38,7 @@ def project(tmp_path):
 
 
 def _run(root, **kw):
-    return pipeline.run("ci", notebook_dir=root / "notebooks", params_dir=root / "params", log=lambda m: None, **kw)
+    return pipeline.run("ci", notebook_dir=root / "notebooks", params_dir=root / "params", log=lambda m: None, report=False, **kw)
 
 
 def test_runs_then_skips_then_reruns_downstream(project):
