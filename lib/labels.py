@@ -34,7 +34,7 @@ class Label:
 REGIONS: tuple[str, ...] = ("cervical", "thoracic", "lumbar")
 
 # Hue bands per region so that neighbours differ and regions read at a glance.
-_REGION_HUES = {"cervical": (0.55, 0.68), "thoracic": (0.25, 0.45), "lumbar": (0.92, 1.10)}
+_REGION_HUES = {"cervical": (0.55, 0.68), "thoracic": (0.25, 0.45), "lumbar": (0.78, 1.15)}
 
 
 def _colour(region: str, index: int, count: int) -> tuple[int, int, int]:

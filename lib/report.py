@@ -93,7 +93,7 @@ def build_report(profile: str, render_notebooks: bool = True) -> Path:
         timings = rec.get("timings_s", {})
         total = sum(v for v in timings.values() if isinstance(v, int | float))
         rows.append(f"<tr><td>{stage}</td><td>{link}</td><td>{html.escape(str(env.get('git_sha', '')))}</td>"
-                    f"<td>{html.escape(str(env.get('time_utc', '')))}</td><td>{total:.1f}</td></tr>")
+                    f"<td>{html.escape(str(env.get('time_utc', '')))}</td><td>{f'{total:.1f}' if rec else ''}</td></tr>")
     parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>executed notebook</th><th>git SHA</th>"
                  "<th>finished (UTC)</th><th>timed steps (s)</th></tr>" + "".join(rows) + "</table>")
 
