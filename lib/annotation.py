@@ -54,6 +54,7 @@ import pandas as pd
 
 from lib import labels as L
 from lib.io import Volume, check_pair, load_volume, save_like, write_text
+from lib.labels import label_at_level, level_index
 
 TIERS = ("junior", "senior_1", "senior_2", "expert", "double_check")
 SPLIT_ORDER = ("trainset", "test_public", "test_private")
@@ -245,26 +246,6 @@ def mean_vertebra_dice(truth: np.ndarray, mask: np.ndarray) -> float:
         return float("nan")
     d = dice_per_label(truth, mask, present)
     return float(np.mean([d.get(v, 0.0) for v in present]))
-
-
-def level_index(value: int) -> float:
-    """Craniocaudal level of a label: C1 = 0 ... T12 = 18, L1 = 19 ... L6 = 24; T13 (28) sits
-    half-way between T12 and L1 (18.5) so that a spine without T13 shifts T12 <-> L1 directly."""
-    value = int(value)
-    if value == L.T13:
-        return 18.5
-    if value not in L.LABELS:
-        raise ValueError(f"{value} is not a vertebra label")
-    return float(value - 1)
-
-
-def label_at_level(level: float) -> int:
-    """Inverse of :func:`level_index` (0 outside C1..L6)."""
-    if level == 18.5:
-        return L.T13
-    if float(level).is_integer() and 0 <= level <= 24:
-        return int(level) + 1
-    return 0
 
 
 def correspondence(truth: np.ndarray, pred: np.ndarray) -> dict[int, int]:

@@ -340,3 +340,35 @@ def require_pair(image_path, mask_path=None, allowed_labels=None, affine_atol_mm
     faults = check_pair(image_path, mask_path, allowed_labels, affine_atol_mm)
     if faults:
         raise IntegrityError(faults)
+
+
+def resample_nearest(array: np.ndarray, src_affine: np.ndarray, dst_shape: tuple[int, int, int],
+                     dst_affine: np.ndarray, fill: int | float = 0, chunk_slices: int = 16) -> np.ndarray:
+    """Nearest-neighbour resampling by world coordinates (for label maps: never interpolates).
+
+    Every voxel of the destination grid takes the value of the source voxel whose centre is
+    nearest to it; destination voxels outside the source get ``fill``. Processed in slabs of
+    ``chunk_slices`` along the destination's last axis so memory stays bounded.
+
+    Args:
+        array: source data (x, y, z) with voxel->world matrix ``src_affine``.
+        dst_shape, dst_affine: the destination grid.
+    """
+    src_affine = np.asarray(src_affine, dtype=np.float64)
+    dst_affine = np.asarray(dst_affine, dtype=np.float64)
+    vox = np.linalg.solve(src_affine, dst_affine)  # dst voxel -> src voxel
+    if np.allclose(vox, np.eye(4), atol=1e-6) and tuple(dst_shape) == array.shape:
+        return array.copy()
+    out = np.full(dst_shape, fill, dtype=array.dtype)
+    ii, jj = np.meshgrid(np.arange(dst_shape[0]), np.arange(dst_shape[1]), indexing="ij")
+    for k0 in range(0, dst_shape[2], chunk_slices):
+        k1 = min(dst_shape[2], k0 + chunk_slices)
+        kk = np.arange(k0, k1)
+        src = [np.rint(vox[a, 0] * ii[..., None] + vox[a, 1] * jj[..., None] + vox[a, 2] * kk[None, None, :]
+                       + vox[a, 3]).astype(np.int64) for a in range(3)]
+        ok = np.ones(src[0].shape, bool)
+        for a in range(3):
+            ok &= (src[a] >= 0) & (src[a] < array.shape[a])
+        slab = out[:, :, k0:k1]
+        slab[ok] = array[src[0][ok], src[1][ok], src[2][ok]]
+    return out

@@ -105,6 +105,26 @@ def ordered(values=None) -> list[int]:
     return sorted(vals, key=lambda v: 19.5 if v == T13 else v)
 
 
+def level_index(value: int) -> float:
+    """Craniocaudal level of a label: C1 = 0 ... T12 = 18, L1 = 19 ... L6 = 24; T13 (28) sits
+    half-way between T12 and L1 (18.5) so that a spine without T13 shifts T12 <-> L1 directly."""
+    value = int(value)
+    if value == T13:
+        return 18.5
+    if value not in LABELS:
+        raise ValueError(f"{value} is not a vertebra label")
+    return float(value - 1)
+
+
+def label_at_level(level: float) -> int:
+    """Inverse of :func:`level_index` (0 outside C1..L6)."""
+    if level == 18.5:
+        return T13
+    if float(level).is_integer() and 0 <= level <= 24:
+        return int(level) + 1
+    return 0
+
+
 def parse_label_range(text: str) -> list[int]:
     """Parse ``"1-25"``, ``"1-7,20-25"``, ``"C1-L6"`` or ``"L6"`` into label values.
 

@@ -1,0 +1,347 @@
+"""Failure analysis: label shifts (the paper's "dislocations") and low z-resolution.
+
+Label shift
+    :func:`label_shift_table` pairs every predicted vertebra with the truth label it overlaps
+    most and gives the offset in levels; a case is *dislocated* when two or more consecutive
+    predicted vertebrae are off by the same non-zero offset (:func:`dislocation`).
+    :func:`correct_label_shift` is our post-processor: it splits the prediction into vertebra
+    instances, orders them along the spine, and relabels them consecutively, anchoring the count
+    at a landmark the image shows — the last rib-bearing vertebra (T12) where the
+    thoracolumbar junction is in view — instead of trusting a count that a network may have
+    made from the sacrum (wrong whenever there is an L6 or no L5).
+
+Low z-resolution
+    :func:`simulate_thick_slices` resamples a CT to a coarser z spacing by averaging slabs of
+    the target thickness (what a thick-slice reconstruction does), not by dropping slices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from lib import labels as L
+from lib.labels import level_index
+
+# ----------------------------------------------------------------------------- label shift
+
+
+def _centroids_world(mask: np.ndarray, affine: np.ndarray, values) -> dict[int, np.ndarray]:
+    idx = ndimage.center_of_mass(np.ones_like(mask, dtype=np.uint8), mask, list(values))
+    return {v: (affine @ np.r_[np.asarray(c, float), 1.0])[:3] for v, c in zip(values, idx, strict=True)}
+
+
+def label_shift_table(truth: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> pd.DataFrame:
+    """One row per predicted vertebra label, craniocaudal order (by world z of its centroid).
+
+    Columns: ``pred_label``, ``pred_name``, ``truth_label`` (the truth label covering most of
+    the predicted vertebra, 0 if it lies on background), ``truth_name``, ``overlap`` (that
+    fraction), ``offset`` (predicted level minus true level; NaN on background), ``z_mm``.
+    """
+    k = 32
+    hist = np.bincount(pred.astype(np.int64).ravel() * k + truth.astype(np.int64).ravel(),
+                       minlength=k * k).reshape(k, k)
+    present = [v for v in range(1, k) if hist[v].sum() and v in L.LABELS]
+    cents = _centroids_world(pred, affine, present) if present else {}
+    rows = []
+    for v in present:
+        row = hist[v].copy()
+        total = row.sum()
+        row[0] = 0
+        t = int(np.argmax(row)) if row.max() > 0 else 0
+        frac = float(row[t] / total) if t else float(hist[v, 0] / total)
+        rows.append({"pred_label": v, "pred_name": L.name(v), "truth_label": t,
+                     "truth_name": L.name(t) if t in L.LABELS else "background", "overlap": frac,
+                     "offset": level_index(v) - level_index(t) if t in L.LABELS else np.nan,
+                     "z_mm": float(cents[v][2])})
+    df = pd.DataFrame(rows, columns=["pred_label", "pred_name", "truth_label", "truth_name", "overlap",
+                                     "offset", "z_mm"])
+    return df.sort_values("z_mm", ascending=False, ignore_index=True)
+
+
+@dataclass(frozen=True)
+class Dislocation:
+    """Whether a case is dislocated, by which offset, and over how many vertebrae."""
+
+    dislocated: bool
+    offset: float
+    run_length: int
+    shifted_labels: tuple[str, ...]
+
+
+def dislocation(table: pd.DataFrame, min_run: int = 2) -> Dislocation:
+    """A case is dislocated when ``min_run`` or more consecutive predicted vertebrae (in
+    craniocaudal order) share the same non-zero offset. Returns the longest such run."""
+    best = (0, 0.0, ())
+    run, off, names = 0, 0.0, []
+    for _, r in table.iterrows():
+        o = r["offset"]
+        if pd.notna(o) and o != 0 and o == off:
+            run += 1
+            names.append(r["pred_name"])
+        elif pd.notna(o) and o != 0:
+            run, off, names = 1, o, [r["pred_name"]]
+        else:
+            run, off, names = 0, 0.0, []
+        if run > best[0]:
+            best = (run, off, tuple(names))
+    return Dislocation(best[0] >= min_run, float(best[1]) if best[0] >= min_run else 0.0, best[0], best[2])
+
+
+# ----------------------------------------------------------------------------- correction
+
+
+@dataclass
+class Instance:
+    """One predicted vertebra: its label, voxels (flat indices) and centroid in world mm."""
+
+    label: int
+    index: np.ndarray
+    centroid: np.ndarray
+    ribs: bool = False
+
+
+def vertebra_instances(pred: np.ndarray, affine: np.ndarray, merge_mm: float = 15.0,
+                       duplicate_fraction: float = 0.3) -> list[Instance]:
+    """Predicted vertebrae as instances, ordered cranial to caudal by world z.
+
+    Per label, connected components (26-connectivity) are grouped: the largest is an instance;
+    another component of the same label joins it when their centroids are within ``merge_mm``
+    along z (a detached process, a vertebra cut by the field of view); a farther one holding
+    at least ``duplicate_fraction`` of the largest is a second instance (the same label on two
+    vertebrae, adjacent or not); a farther small one is a fragment that joins the nearest
+    instance of any label (or its own label's instance when no other label lies between).
+    """
+    struct = np.ones((3, 3, 3), bool)
+    comps: list[tuple[int, np.ndarray, np.ndarray]] = []  # (label, flat index, centroid)
+    for lab, sl in enumerate(ndimage.find_objects(pred.astype(np.int32)), start=1):
+        if sl is None or lab not in L.LABELS:
+            continue
+        cc, n = ndimage.label(pred[sl] == lab, structure=struct)
+        offset = np.array([s.start for s in sl])
+        for c in range(1, n + 1):
+            vox = np.argwhere(cc == c) + offset
+            comps.append((lab, np.ravel_multi_index(vox.T, pred.shape), (affine @ np.r_[vox.mean(axis=0), 1.0])[:3]))
+    out: list[Instance] = []
+    fragments = []
+    main_z = {}
+    for lab in sorted({c[0] for c in comps}):
+        main_z[lab] = max((c for c in comps if c[0] == lab), key=lambda c: len(c[1]))[2][2]
+    for lab in sorted({c[0] for c in comps}):
+        mine = sorted((c for c in comps if c[0] == lab), key=lambda c: -len(c[1]))
+        largest = len(mine[0][1])
+        group: list[Instance] = []
+        for _, idx, cen in mine:
+            near = min(group, key=lambda g: abs(g.centroid[2] - cen[2]), default=None)
+            if near is not None:
+                lo, hi = sorted((near.centroid[2], cen[2]))
+                between = any(lo < z < hi for other, z in main_z.items() if other != lab)
+                if abs(hi - lo) < merge_mm or (not between and len(idx) < duplicate_fraction * largest):
+                    near.index = np.concatenate([near.index, idx])
+                    continue
+            if near is None or len(idx) >= duplicate_fraction * largest:
+                group.append(Instance(lab, idx, cen))
+            else:
+                fragments.append((idx, cen))
+        out.extend(group)
+    for idx, cen in fragments:
+        if out:
+            near = min(out, key=lambda g: np.linalg.norm(g.centroid - cen))
+            near.index = np.concatenate([near.index, idx])
+    for inst in out:  # centroid of the merged instance
+        vox = np.array(np.unravel_index(inst.index, pred.shape), dtype=float).mean(axis=1)
+        inst.centroid = (affine @ np.r_[vox, 1.0])[:3]
+    out.sort(key=lambda i: -i.centroid[2])
+    return out
+
+
+def detect_ribs(ct: np.ndarray, pred: np.ndarray, affine: np.ndarray, instances: list[Instance],
+                bone_hu: float = 250.0, lateral_mm: tuple[float, float] = (22.0, 50.0),
+                ap_mm: tuple[float, float] = (-35.0, 15.0), min_ml: float = 0.15) -> list[bool]:
+    """Whether each instance bears ribs: bone (``> bone_hu``, outside the predicted spine) on
+    *both* sides within ``lateral_mm`` of the instance centroid, between ``ap_mm`` (posterior
+    negative) of it, over the instance's craniocaudal extent. Sets ``Instance.ribs``.
+
+    Arrays are (x, y, z) RAS+ with an axis-aligned ``affine`` (the canonical grid).
+    """
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    bone = (ct > bone_hu) & ~ndimage.binary_dilation(pred > 0, iterations=1)
+    inv = np.linalg.inv(affine)
+    for inst in instances:
+        vox = np.array(np.unravel_index(inst.index, pred.shape))
+        z0, z1 = vox[2].min(), vox[2].max() + 1
+        c = (inv @ np.r_[inst.centroid, 1.0])[:3]
+        sides = []
+        for sign in (-1, 1):
+            x_lo = c[0] + sign * lateral_mm[0] / spacing[0]
+            x_hi = c[0] + sign * lateral_mm[1] / spacing[0]
+            xa, xb = sorted((x_lo, x_hi))
+            ya, yb = c[1] + ap_mm[0] / spacing[1], c[1] + ap_mm[1] / spacing[1]
+            xs = slice(max(0, int(np.floor(xa))), max(0, int(np.ceil(xb))))
+            ys = slice(max(0, int(np.floor(ya))), max(0, int(np.ceil(yb))))
+            sides.append(float(bone[xs, ys, z0:z1].sum()) * voxel_ml)
+        inst.ribs = min(sides) >= min_ml
+    return [i.ribs for i in instances]
+
+
+def detect_skull(ct: np.ndarray, pred: np.ndarray, affine: np.ndarray, top: Instance,
+                 bone_hu: float = 250.0, height_mm: float = 30.0, half_width_mm: float = 30.0,
+                 min_ml: float = 2.0) -> bool:
+    """Whether skull-base bone (outside the predicted spine) lies within ``height_mm`` above the
+    top instance, centred on it (``half_width_mm`` laterally and antero-posteriorly)."""
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    inv = np.linalg.inv(affine)
+    vox = np.array(np.unravel_index(top.index, pred.shape))
+    c = (inv @ np.r_[top.centroid, 1.0])[:3]
+    z0 = int(vox[2].max()) + 1
+    z1 = min(ct.shape[2], z0 + int(np.ceil(height_mm / spacing[2])))
+    if z1 <= z0:
+        return False
+    xs = slice(max(0, int(c[0] - half_width_mm / spacing[0])), int(c[0] + half_width_mm / spacing[0]) + 1)
+    ys = slice(max(0, int(c[1] - half_width_mm / spacing[1])), int(c[1] + half_width_mm / spacing[1]) + 1)
+    bone = (ct[xs, ys, z0:z1] > bone_hu) & (pred[xs, ys, z0:z1] == 0)
+    return float(bone.sum()) * float(np.prod(spacing)) / 1000.0 >= min_ml
+
+
+def spine_sequence(n_thoracic: int = 12) -> list[int]:
+    """Labels from C1 down: C1..C7, T1..T12 (or T11 / + T13), L1..L6."""
+    thor = list(range(8, 8 + min(n_thoracic, 12))) + ([L.T13] if n_thoracic == 13 else [])
+    return list(range(1, 8)) + thor + list(range(20, 26))
+
+
+@dataclass
+class Correction:
+    """What :func:`correct_label_shift` did."""
+
+    applied: bool
+    anchor: str
+    shift: float
+    labels_before: list[str]
+    labels_after: list[str]
+    ribs: list[bool]
+    skull: bool = False
+
+
+def _rib_anchor(ribs: list[bool]) -> int | None:
+    """Index of the last instance of the longest run (>= 2) of rib-bearing instances that has
+    a non-rib instance below it (ties: the lower run)."""
+    best, i = None, 0
+    while i < len(ribs):
+        if ribs[i]:
+            j = i
+            while j < len(ribs) and ribs[j]:
+                j += 1
+            if j - i >= 2 and j < len(ribs) and (best is None or j - i >= best[1]):
+                best = (j - 1, j - i)
+            i = j
+        else:
+            i += 1
+    return None if best is None else best[0]
+
+
+def correct_label_shift(ct: np.ndarray, pred: np.ndarray, affine: np.ndarray, min_changed: int = 2,
+                        rib_kwargs: dict | None = None, skull_kwargs: dict | None = None,
+                        ) -> tuple[np.ndarray, Correction]:
+    """Relabel predicted vertebrae consecutively, anchored at landmarks the image shows.
+
+    Instances are ordered cranial -> caudal (:func:`vertebra_instances`). Anchors:
+
+    * the skull base right above the top instance -> that instance is C1;
+    * the last vertebra of the longest run of rib-bearing instances with rib-free instances
+      below it -> T12 (the thoracolumbar junction).
+
+    With both, the number of instances between them gives the thoracic count (11, 12 or 13,
+    so T13 is labelled 28); with one, the count runs from it with 12 thoracic vertebrae; with
+    none, labels are only made consecutive around the network's majority offset. A sixth lumbar
+    vertebra thus becomes L6 and a missing L5 leaves L4 last, whatever the network counted from
+    the sacrum. The relabelling is applied only when it changes at least ``min_changed``
+    instances and every instance gets a label, so a correct prediction is left as it is.
+
+    Returns:
+        (corrected mask, :class:`Correction` record).
+    """
+    insts = vertebra_instances(pred, affine)
+    before = [L.name(i.label) for i in insts]
+    if len(insts) < 2:
+        return pred.copy(), Correction(False, "none", 0.0, before, before, [])
+    ribs = detect_ribs(ct, pred, affine, insts, **(rib_kwargs or {}))
+    skull = detect_skull(ct, pred, affine, insts[0], **(skull_kwargs or {}))
+    rib_idx = _rib_anchor(ribs)
+    seq, pos0, anchor = spine_sequence(12), None, "majority"
+    n_thor = rib_idx + 1 - 7 if rib_idx is not None else None
+    if skull and n_thor in (11, 12, 13):
+        seq, pos0, anchor = spine_sequence(n_thor), 0, f"C1 + last rib ({n_thor} thoracic)"
+    elif skull:  # the skull base is the more robust landmark when the two disagree
+        pos0, anchor = 0, "skull base (C1)"
+    elif rib_idx is not None:
+        if insts[rib_idx].label == L.T13:  # the network itself called the last rib T13
+            seq = spine_sequence(13)
+            pos0, anchor = seq.index(L.T13) - rib_idx, "last rib (T13 as predicted)"
+        else:
+            pos0, anchor = seq.index(L.T12) - rib_idx, "last rib (T12)"
+    if pos0 is None:  # consecutive around the most common (sequence position - index)
+        votes = [seq.index(i.label) - k for k, i in enumerate(insts) if i.label in seq]
+        vals, counts = np.unique(votes, return_counts=True)
+        pos0 = int(vals[np.argmax(counts)])
+    positions = [pos0 + k for k in range(len(insts))]
+    if min(positions) < 0 or max(positions) >= len(seq):
+        return pred.copy(), Correction(False, anchor + " (out of range)", 0.0, before, before, ribs, skull)
+    new_labels = [seq[p] for p in positions]
+    changed = sum(1 for inst, nl in zip(insts, new_labels, strict=True) if nl != inst.label)
+    if changed < min_changed:
+        return pred.copy(), Correction(False, anchor, 0.0, before, before, ribs, skull)
+    out = pred.copy().ravel()
+    for inst, nl in zip(insts, new_labels, strict=True):
+        out[inst.index] = nl
+    shift = float(np.median([level_index(nl) - level_index(i.label) for i, nl in zip(insts, new_labels, strict=True)]))
+    return out.reshape(pred.shape), Correction(True, anchor, shift, before, [L.name(v) for v in new_labels], ribs, skull)
+
+
+# ----------------------------------------------------------------------------- low z-resolution
+
+
+def simulate_thick_slices(ct: np.ndarray, affine: np.ndarray, target_z_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a CT along z (array axis 2) to ``target_z_mm`` by slab averaging.
+
+    Each new slice is the exact mean of the original signal over a slab ``target_z_mm`` thick
+    (partial slices weighted by their overlap), as a thick-slice reconstruction would be.
+    A target finer than the native spacing cannot be made by averaging: the volume is then
+    linearly interpolated (it gains no detail).
+
+    Args:
+        ct: (x, y, z) HU, RAS+ canonical order; z = axis 2.
+        affine: its voxel -> world matrix.
+        target_z_mm: new slice spacing = slab thickness (mm).
+
+    Returns:
+        (new CT as float32 rounded to int16, new affine). The slabs tile the original extent
+        from its first slice's lower edge.
+    """
+    sz = float(np.linalg.norm(affine[:3, 2]))
+    n = ct.shape[2]
+    ratio = target_z_mm / sz
+    n_new = max(1, int(np.floor(n / ratio + 1e-6)))
+    if ratio <= 1.0 + 1e-6:
+        pos = (np.arange(n_new) + 0.5) * ratio - 0.5
+        out = ndimage.map_coordinates(ct.astype(np.float32), np.meshgrid(
+            np.arange(ct.shape[0]), np.arange(ct.shape[1]), pos, indexing="ij"), order=1, mode="nearest")
+    else:
+        # cumulative integral of the piecewise-constant signal along z, in units of slices
+        csum = np.concatenate([np.zeros(ct.shape[:2] + (1,), np.float64), np.cumsum(ct, axis=2, dtype=np.float64)], axis=2)
+
+        def integral(t):  # integral from edge 0 to continuous position t (in slices)
+            k = np.clip(np.floor(t).astype(int), 0, n - 1)
+            frac = np.clip(t - k, 0.0, 1.0)
+            return csum[..., k] + frac * (csum[..., k + 1] - csum[..., k])
+
+        edges = np.arange(n_new + 1) * ratio
+        out = np.stack([(integral(edges[i + 1]) - integral(edges[i])) / ratio for i in range(n_new)], axis=2)
+    new_aff = affine.copy()
+    new_aff[:3, 2] = affine[:3, 2] * ratio
+    # centre of new slice 0 sits at continuous old index (ratio - 1) / 2
+    new_aff[:3, 3] = affine[:3, 3] + affine[:3, 2] * (ratio - 1.0) / 2.0
+    return np.rint(out).astype(np.int16), new_aff

@@ -1,0 +1,94 @@
+"""lib.analysis: dislocation detector, landmark-anchored correction, thick-slice simulation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lib import analysis as A
+from lib import phantom
+from lib.annotation import mean_vertebra_dice
+from lib.labels import label_at_level, level_index
+
+
+def _shift_from_sacrum(mask: np.ndarray, by: int = -1) -> np.ndarray:
+    """What a network counting from the sacrum does to an L6 case: every level off by one."""
+    lut = np.arange(256, dtype=np.uint8)
+    for v in np.unique(mask):
+        if v:
+            lut[v] = label_at_level(level_index(v) + by) or v
+    return lut[mask]
+
+
+@pytest.fixture(scope="module")
+def l6_case():
+    return phantom.generate_case(phantom.CaseSpec(seed=3, n_lumbar=6, fov="abdomen", spacing_mm=(2.0, 2.0, 2.0)))
+
+
+@pytest.fixture(scope="module")
+def missing_l5_case():
+    return phantom.generate_case(phantom.CaseSpec(seed=5, n_lumbar=4, fov="abdomen", spacing_mm=(2.0, 2.0, 2.0)))
+
+
+def test_dislocation_detected_on_a_shifted_l6_case(l6_case):
+    m = l6_case.mask
+    shifted = _shift_from_sacrum(m)
+    tab = A.label_shift_table(m, shifted, l6_case.affine)
+    assert list(tab["z_mm"]) == sorted(tab["z_mm"], reverse=True)  # cranial first
+    l5_row = tab[tab["pred_name"] == "L5"].iloc[0]
+    assert l5_row["truth_name"] == "L6" and l5_row["offset"] == -1
+    d = A.dislocation(tab)
+    assert d.dislocated and d.offset == -1 and d.run_length == len(tab)
+    ok = A.dislocation(A.label_shift_table(m, m, l6_case.affine))
+    assert not ok.dislocated and ok.run_length == 0
+
+
+def test_single_mislabel_is_not_a_dislocation(l6_case):
+    m = l6_case.mask.copy()
+    pred = m.copy()
+    pred[m == 22] = 23  # one vertebra wrong: no run of two
+    assert not A.dislocation(A.label_shift_table(m, pred, l6_case.affine)).dislocated
+
+
+@pytest.mark.parametrize("fixture", ["l6_case", "missing_l5_case"])
+def test_correction_restores_labels_from_the_last_rib(fixture, request):
+    case = request.getfixturevalue(fixture)
+    shifted = _shift_from_sacrum(case.mask)
+    assert mean_vertebra_dice(case.mask, shifted) < 0.1
+    fixed, info = A.correct_label_shift(case.ct, shifted, case.affine)
+    assert info.applied and info.anchor == "last rib (T12)"
+    assert mean_vertebra_dice(case.mask, fixed) == pytest.approx(1.0)
+    assert np.array_equal(fixed > 0, shifted > 0)  # geometry untouched, only labels change
+
+
+def test_correction_leaves_a_correct_prediction_alone(l6_case, missing_l5_case):
+    for case in (l6_case, missing_l5_case):
+        out, info = A.correct_label_shift(case.ct, case.mask, case.affine)
+        assert not info.applied and np.array_equal(out, case.mask)
+
+
+def test_rib_detection_marks_thoracic_instances_only(l6_case):
+    insts = A.vertebra_instances(l6_case.mask, l6_case.affine)
+    ribs = A.detect_ribs(l6_case.ct, l6_case.mask, l6_case.affine, insts)
+    by_label = {i.label: r for i, r in zip(insts, ribs, strict=True)}
+    assert by_label[19] and by_label[18]  # T12, T11
+    assert not any(by_label[v] for v in (20, 21, 22, 23))  # L1..L4
+
+
+def test_thick_slices_average_exactly_and_keep_world_geometry():
+    aff = np.diag([1.0, 1.0, 1.5, 1.0])
+    aff[:3, 3] = [5.0, -3.0, 100.0]
+    z = np.arange(12, dtype=np.int16)
+    ct = np.broadcast_to(z * 100, (2, 3, 12)).copy()
+    thick, new = A.simulate_thick_slices(ct, aff, 4.5)  # 3 slices per slab
+    assert thick.shape == (2, 3, 4)
+    assert np.allclose(thick[0, 0], [100, 400, 700, 1000])  # means of (0,1,2)*100, (3,4,5)*100, ...
+    assert new[2, 2] == pytest.approx(4.5)
+    # slab centre: world z of old slice 1 (middle of slices 0..2)
+    assert (new @ [0, 0, 0, 1])[2] == pytest.approx((aff @ [0, 0, 1, 1])[2])
+    # a non-integer ratio weights partial slices
+    t2, _ = A.simulate_thick_slices(ct, aff, 2.25)  # 1.5 slices per slab
+    assert t2[0, 0, 0] == pytest.approx((0 * 1.0 + 100 * 0.5) / 1.5, abs=1)
+    # finer than native: interpolated, same extent
+    fine, fa = A.simulate_thick_slices(ct, aff, 0.75)
+    assert fine.shape[2] == 24 and fa[2, 2] == pytest.approx(0.75)
