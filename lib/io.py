@@ -59,12 +59,16 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 def strip_nifti_suffix(path: str | Path) -> str:
-    """File name without ``.nii.gz``/``.nii`` (``"HN_P001_seg.nii.gz"`` -> ``"HN_P001_seg"``)."""
+    """File name without ``.nii.gz``/``.nii`` (``"HN_P001_seg.nii.gz"`` -> ``"HN_P001_seg"``).
+
+    Any other name is returned whole: release IDs such as ``1.3.6.1.4.1.9328.50.4.0001`` contain
+    dots that are not extensions.
+    """
     name = Path(path).name
     for suf in NIFTI_SUFFIXES:
         if name.endswith(suf):
             return name[: -len(suf)]
-    return Path(name).stem
+    return name
 
 
 def _full_suffix(path: Path) -> str:

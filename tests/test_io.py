@@ -173,3 +173,9 @@ def test_resample_nearest_identity_permutation_and_coarse_grid(rng):
     far = aff.copy()
     far[:3, 3] = 1000.0
     assert (io.resample_nearest(lab, aff, (2, 2, 2), far, fill=0) == 0).all()
+
+
+def test_strip_nifti_suffix_keeps_dotted_release_ids():
+    assert io.strip_nifti_suffix("1.3.6.1.4.1.9328.50.4.0001.nii.gz") == "1.3.6.1.4.1.9328.50.4.0001"
+    assert io.strip_nifti_suffix("1.3.6.1.4.1.9328.50.4.0001") == "1.3.6.1.4.1.9328.50.4.0001"
+    assert io.strip_nifti_suffix("dir/HN_P001_seg.nii") == "HN_P001_seg"
