@@ -1,0 +1,183 @@
+"""The synthetic truth ("oracle"): masks, centroids, variants and planted identifiers.
+
+Written by :mod:`lib.sources` under ``data/<profile>/oracle/`` and read **only** by the
+simulated annotators and by evaluation, never as a pipeline input, so the synthetic study
+stays as blind as a real one:
+
+* ``index.csv`` - one row per generated series/volume: ``source``, ``patient_id``,
+  ``source_key`` (SeriesInstanceUID for DICOM, file stem for NIfTI), counts, variant, FOV,
+  spacing, quality flag and reason, ``mask_path`` and ``centroids_path`` (relative to the
+  oracle folder), ``image_path`` (relative to the sources folder).
+* ``<SOURCE>/<source_key>_seg.nii.gz`` - the truth label map in the same world geometry as
+  the source volume (for DICOM: the series' own grid, every slice including dropped ones).
+* ``<SOURCE>/<source_key>_ctd.json`` - truth centroids ``{label: [x, y, z]}`` in world mm (RAS).
+* ``phi_planted.json`` - every planted identifying string, for curation's PHI audit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from nibabel import orientations
+
+from lib.io import Volume, load_volume, write_text
+from lib.paths import ProfilePaths
+
+INDEX_COLUMNS = (
+    "source", "patient_id", "source_key", "series_description", "time_point", "n_thoracic", "n_lumbar",
+    "variant", "sacralization", "fov", "spacing_x_mm", "spacing_y_mm", "spacing_z_mm", "slice_thickness_mm",
+    "shape", "quality", "quality_reason", "metal", "contrast_phase", "labels", "seed", "scan_seed",
+    "mask_path", "centroids_path", "image_path",
+)
+
+
+class OracleError(LookupError):
+    """Missing or inconsistent truth; the message names the source, key and file."""
+
+
+def truth_paths(oracle_root: Path, source: str, source_key: str) -> tuple[Path, Path]:
+    """(mask path, centroid json path) of one source volume in the oracle folder."""
+    d = Path(oracle_root) / source
+    return d / f"{source_key}_seg.nii.gz", d / f"{source_key}_ctd.json"
+
+
+def write_truth(oracle_root: Path, source: str, source_key: str, mask: np.ndarray, affine: np.ndarray,
+                centroids: dict[int, tuple[float, float, float]]) -> tuple[Path, Path]:
+    """Write a truth mask (uint8, array order of ``affine``) and its world centroids atomically."""
+    from lib.io import atomic_path
+    from lib.sources import nifti_gz_bytes
+
+    mpath, cpath = truth_paths(oracle_root, source, source_key)
+    data = nifti_gz_bytes(np.asarray(mask, np.uint8), affine)
+    with atomic_path(mpath) as tmp:
+        tmp.write_bytes(data)
+    body = {str(int(k)): [round(float(c), 4) for c in v] for k, v in sorted(centroids.items())}
+    write_text(cpath, json.dumps({"space": "RAS world mm", "centroids": body}, indent=1))
+    return mpath, cpath
+
+
+def read_index(paths: ProfilePaths) -> pd.DataFrame:
+    """The oracle index (one row per generated series/volume).
+
+    Raises:
+        OracleError: when ``oracle/index.csv`` does not exist (00_sources has not run).
+    """
+    path = Path(paths.oracle) / "index.csv"
+    if not path.exists():
+        raise OracleError(f"{path}: no oracle index; run notebooks/00_sources.ipynb for profile {paths.profile!r}")
+    return pd.read_csv(path, dtype={"patient_id": str, "source_key": str, "time_point": str})
+
+
+def _row(paths: ProfilePaths, source: str, source_key: str) -> pd.Series:
+    df = read_index(paths)
+    hit = df[(df["source"] == source) & (df["source_key"].astype(str) == str(source_key))]
+    if hit.empty:
+        raise OracleError(f"{Path(paths.oracle) / 'index.csv'}: no truth for source={source!r} source_key={source_key!r}")
+    return hit.iloc[0]
+
+
+def load_centroids(paths: ProfilePaths, source: str, source_key: str) -> dict[int, tuple[float, float, float]]:
+    """Truth centroids {label: (x, y, z) world mm, RAS} of one source volume."""
+    row = _row(paths, source, source_key)
+    data = json.loads((Path(paths.oracle) / row["centroids_path"]).read_text())
+    return {int(k): tuple(float(c) for c in v) for k, v in data["centroids"].items()}
+
+
+def load_truth(paths: ProfilePaths, source: str, source_key: str, target: Volume) -> np.ndarray:
+    """Truth mask of one source volume on the canonical grid of ``target``.
+
+    When the target grid coincides with the truth grid up to an axis permutation/flip (the
+    curated image is the source volume, possibly reoriented), the mask is copied exactly.
+    Otherwise every target voxel takes the truth label at the nearest truth voxel by world
+    coordinates (labels are never interpolated); voxels outside the truth grid get 0.
+
+    Args:
+        paths: profile paths (``paths.oracle``).
+        source: ``COLONOG``, ``HNSCC``, ``MSD_T10``, ``COVID19`` or ``VerSe``.
+        source_key: SeriesInstanceUID (DICOM) or file stem (NIfTI) as in ``index.csv``.
+        target: the image the mask must match, as loaded by :func:`lib.io.load_volume`
+            (canonical RAS+ array; ``target.affine`` is the canonical affine).
+
+    Returns:
+        uint8 array of ``target.shape``.
+    """
+    row = _row(paths, source, source_key)
+    mpath = Path(paths.oracle) / row["mask_path"]
+    truth = load_volume(mpath, canonical=True, dtype=np.uint8)
+    return resample_labels_to(truth.array, truth.affine, target.shape, target.affine)
+
+
+def resample_labels_to(labels: np.ndarray, affine: np.ndarray, shape: tuple[int, ...],
+                       target_affine: np.ndarray, atol_mm: float = 1e-3) -> np.ndarray:
+    """Nearest-neighbour resampling of a label map onto another grid by world coordinates.
+
+    Exact copy (with axis permutation/flip) when the grids coincide within ``atol_mm``.
+    """
+    labels = np.asarray(labels)
+    A, B = np.asarray(affine, float), np.asarray(target_affine, float)
+    # same grid up to permutation/flip?
+    ornt_a = orientations.io_orientation(A)
+    ornt_b = orientations.io_orientation(B)
+    tr = orientations.ornt_transform(ornt_a, ornt_b)
+    moved = orientations.apply_orientation(labels, tr)
+    moved_aff = A @ orientations.inv_ornt_aff(tr, labels.shape)
+    if moved.shape == tuple(shape) and np.allclose(moved_aff, B, atol=atol_mm):
+        return np.ascontiguousarray(moved, dtype=np.uint8)
+    # general case: nearest truth voxel of each target voxel centre
+    M = np.linalg.inv(A) @ B
+    out = np.zeros(shape, np.uint8)
+    ii, jj = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    for k in range(shape[2]):
+        pts = M[:3, 0, None, None] * ii + M[:3, 1, None, None] * jj + (M[:3, 2] * k + M[:3, 3])[:, None, None]
+        idx = np.rint(pts).astype(np.int64)
+        ok = np.all((idx >= 0) & (idx < np.array(labels.shape)[:, None, None]), axis=0)
+        sl = out[:, :, k]
+        sl[ok] = labels[idx[0][ok], idx[1][ok], idx[2][ok]]
+    return out
+
+
+def read_phi_planted(paths: ProfilePaths) -> dict:
+    """The planted identifiers (``tokens`` and ``values`` with source, key, keyword, value)."""
+    path = Path(paths.oracle) / "phi_planted.json"
+    if not path.exists():
+        raise OracleError(f"{path}: no planted-identifier list; run 00_sources for profile {paths.profile!r}")
+    return json.loads(path.read_text())
+
+
+def nifti_header_affine(path: Path) -> np.ndarray:
+    """Affine of a NIfTI file without reading its voxels (used to check geometry cheaply)."""
+    return np.asarray(nib.load(str(path)).affine, float)
+
+
+def variant_coverage(index: pd.DataFrame, split_of: dict) -> pd.DataFrame:
+    """Variant counts per split, for checking a split (evaluation side; reads the truth).
+
+    Args:
+        index: :func:`read_index` output.
+        split_of: ``{(source, patient_id): split}`` or ``{source_key: split}`` as chosen by
+            curation (one entry per released case).
+
+    Returns:
+        Table split x variant with the number of patients (good-quality volumes only,
+        one count per patient) and columns ``L6`` / ``L5_missing`` totals per split.
+    """
+    ok = index[index["quality"] == "ok"]
+    rows = []
+    for _, r in ok.iterrows():
+        split = split_of.get((r["source"], r["patient_id"]), split_of.get(r["source_key"]))
+        if split is not None:
+            rows.append(dict(split=split, source=r["source"], patient_id=r["patient_id"], variant=r["variant"]))
+    df = pd.DataFrame(rows, columns=["split", "source", "patient_id", "variant"]).drop_duplicates(
+        ["split", "source", "patient_id"])
+    if df.empty:
+        return pd.DataFrame(columns=["split", "patients", "L6", "L5_missing"])
+    table = df.groupby("split").agg(
+        patients=("patient_id", "size"),
+        L6=("variant", lambda v: int(v.str.split("+").apply(lambda p: "L6" in p).sum())),
+        L5_missing=("variant", lambda v: int(v.str.split("+").apply(lambda p: "L5_missing" in p or "L4" in p).sum())),
+    )
+    return table.reset_index()
