@@ -15,6 +15,7 @@ Conventions:
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import tempfile
 import zlib
@@ -79,16 +80,22 @@ def _full_suffix(path: Path) -> str:
     return path.suffix
 
 
+PARTIAL_DIR = ".partial"
+"""Hidden folder beside each output where temporary files live until they are renamed into
+place, so a killed run leaves nothing that a ``glob("*.nii.gz")`` of the folder would pick up."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffix); rename it into place on success.
+    """Yield a temporary path (same suffix) to write; rename it to ``path`` on success.
 
-    On an exception the temporary file is removed and ``path`` is left as it was, so a
-    reader never sees a half-written file and a killed run leaves no corrupt output.
+    The temporary file lives in ``<folder>/.partial/``; on an exception it is removed and
+    ``path`` is left as it was, so a reader never sees a half-written file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + _full_suffix(path), dir=path.parent)
+    tmp_dir = path.parent / PARTIAL_DIR
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp" + _full_suffix(path), dir=tmp_dir)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -98,6 +105,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+    finally:
+        with contextlib.suppress(OSError):
+            tmp_dir.rmdir()  # only when empty (other writers may be busy in it)
 
 
 @contextlib.contextmanager
@@ -241,7 +251,8 @@ def save_volume(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype=N
 
     The header's sform and qform are both set to ``affine`` (code 1, scanner), and only
     geometry/dtype fields are carried over from ``header``: never free-text fields that
-    could hold identifiers (descrip, aux_file, intent_name, extensions).
+    could hold identifiers (descrip, aux_file, intent_name, extensions). Compressed output is
+    deterministic: the same array and affine give the same bytes.
     """
     arr = np.asarray(array)
     if dtype is not None:
@@ -256,8 +267,13 @@ def save_volume(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype=N
     img.header["descrip"] = b""
     img.header["aux_file"] = b""
     img.header.set_xyzt_units("mm", "sec")
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
+    data = img.to_bytes()
+    if str(path).endswith(".gz"):
+        # no file name and a zero time in the gzip header: same array, same bytes
+        data = _igzip.compress(data, compresslevel=1, mtime=0) if _igzip is not None else \
+            gzip.compress(data, compresslevel=1, mtime=0)
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
     return Path(path)
 
 

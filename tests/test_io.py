@@ -131,6 +131,24 @@ def test_atomic_write_leaves_nothing_on_error(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["table.csv"]
 
 
+def test_a_killed_write_leaves_no_nifti_in_the_folder(tmp_path):
+    """A temporary file left by a killed run is never picked up by a glob of the folder."""
+    target = tmp_path / "liver_001.nii.gz"
+    ctx = io.atomic_path(target)
+    tmp = ctx.__enter__()  # as if the process died here
+    tmp.write_bytes(b"partial")
+    assert list(tmp_path.glob("*.nii.gz")) == []
+    assert tmp.parent.name == io.PARTIAL_DIR and tmp.name.endswith(".nii.gz")
+
+
+def test_save_volume_is_byte_deterministic(tmp_path, rng):
+    arr = rng.integers(0, 25, size=(9, 8, 7)).astype(np.uint8)
+    a = io.save_volume(arr, np.eye(4), tmp_path / "a" / "m.nii.gz")
+    b = io.save_volume(arr, np.eye(4), tmp_path / "b" / "m.nii.gz")
+    assert a.read_bytes() == b.read_bytes()
+    assert np.array_equal(np.asarray(nib.load(str(a)).dataobj), arr)
+
+
 def test_saved_header_carries_no_free_text(tmp_path):
     hdr = nib.Nifti1Header()
     hdr["descrip"] = b"Patient DOE^JOHN"
