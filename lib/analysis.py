@@ -244,6 +244,7 @@ def _rib_anchor(ribs: list[bool]) -> int | None:
 
 
 def correct_label_shift(ct: np.ndarray, pred: np.ndarray, affine: np.ndarray, min_changed: int = 2,
+                        min_consistent: float = 0.6,
                         rib_kwargs: dict | None = None, skull_kwargs: dict | None = None,
                         ) -> tuple[np.ndarray, Correction]:
     """Relabel predicted vertebrae consecutively, anchored at landmarks the image shows.
@@ -259,7 +260,9 @@ def correct_label_shift(ct: np.ndarray, pred: np.ndarray, affine: np.ndarray, mi
     none, labels are only made consecutive around the network's majority offset. A sixth lumbar
     vertebra thus becomes L6 and a missing L5 leaves L4 last, whatever the network counted from
     the sacrum. The relabelling is applied only when it changes at least ``min_changed``
-    instances and every instance gets a label, so a correct prediction is left as it is.
+    instances, every instance gets a label, and at least ``min_consistent`` of the instances
+    move by one and the same non-zero offset (a dislocation, not a scramble), so a correct
+    prediction — or one too poor to be a shifted spine — is left as it is.
 
     Returns:
         (corrected mask, :class:`Correction` record).
@@ -294,6 +297,12 @@ def correct_label_shift(ct: np.ndarray, pred: np.ndarray, affine: np.ndarray, mi
     changed = sum(1 for inst, nl in zip(insts, new_labels, strict=True) if nl != inst.label)
     if changed < min_changed:
         return pred.copy(), Correction(False, anchor, 0.0, before, before, ribs, skull)
+    # only a dislocation is corrected: most instances must move by one and the same offset
+    deltas = [level_index(nl) - level_index(i.label) for i, nl in zip(insts, new_labels, strict=True)]
+    vals, counts = np.unique(deltas, return_counts=True)
+    if counts.max() < min_consistent * len(insts) or vals[np.argmax(counts)] == 0:
+        return pred.copy(), Correction(False, anchor + " (labels not a consistent shift)", 0.0, before, before,
+                                       ribs, skull)
     out = pred.copy().ravel()
     for inst, nl in zip(insts, new_labels, strict=True):
         out[inst.index] = nl

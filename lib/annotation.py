@@ -24,7 +24,8 @@ Error model of the simulated tiers (what they leave behind is documented and mea
 * A *label shift* is a run of vertebrae whose predicted label is off by the same number of
   levels (the paper's "dislocation"); it is a per-case event.
 * junior: redraws every vertebra on the truth geometry but keeps the labels it was given
-  (a shifted run stays shifted unless caught, with probability ``junior.shift_catch_rate``);
+  (a run shifted by one level stays shifted unless caught, with probability
+  ``junior.shift_catch_rate``; a label off by more levels is always fixed);
   leaves a seeded fraction ``junior.boundary_residual`` of the pre-annotation's
   foreground/background errors untouched.
 * seniors (two, in turn): each catches a remaining shift with ``senior.shift_catch_rate``;
@@ -57,6 +58,8 @@ from lib.io import Volume, check_pair, load_volume, save_like, write_text
 from lib.labels import label_at_level, level_index
 
 TIERS = ("junior", "senior_1", "senior_2", "expert", "double_check")
+MAX_MISSABLE_SHIFT = 1.0
+"""Largest label offset (levels) a tier can overlook; larger ones are always corrected."""
 SPLIT_ORDER = ("trainset", "test_public", "test_private")
 
 # ----------------------------------------------------------------------------- ledger
@@ -391,6 +394,8 @@ class SimulatedTiers:
         caught = shifted and rng.random() < j.shift_catch_rate
         if caught:
             offsets = {v: 0 for v in offsets}
+        # a label off by more than one level is obvious to anyone counting: always fixed
+        offsets = {v: (o if abs(o) <= MAX_MISSABLE_SHIFT else 0) for v, o in offsets.items()}
         mask = relabel(truth, offsets)
         fg_err = (pre > 0) != (truth > 0)
         n_err = int(fg_err.sum())
@@ -692,3 +697,218 @@ def special_cases(ledger: Ledger) -> dict[str, list[str]]:
 
 def dump_json(obj, path: Path) -> Path:
     return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------- wiring for 03_annotation
+
+
+def release_cases(paths) -> list[Case]:
+    """Every image of the curated release as a :class:`Case` (split from its folder)."""
+    from lib.io import strip_nifti_suffix
+    from lib.paths import SPLITS
+
+    cases = []
+    for split in SPLITS:
+        for img in sorted(paths.split_dir(split, "data").glob("*.nii.gz")):
+            cases.append(Case(strip_nifti_suffix(img), split, img, paths.split_dir(split, "gt")))
+    if not cases:
+        raise FileNotFoundError(f"{paths.release}: no release images; run 01_curation first")
+    return cases
+
+
+def find_model_dir(root: str | Path) -> Path:
+    """The newest folder under ``root`` holding a trained model (``model.pt`` + ``plan.json``)."""
+    found = sorted((p.parent for p in Path(root).rglob("model.pt") if (p.parent / "plan.json").exists()),
+                   key=lambda d: (d / "model.pt").stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"{root}: no trained model (model.pt + plan.json); run the stage that trains it")
+    return found[-1]
+
+
+def oracle_truth(paths) -> TruthProvider:
+    """Truth for simulated annotators: the curation provenance (release id -> source series)
+    joined with the oracle (synthetic profile only; the oracle is never a pipeline input)."""
+    from lib import oracle
+
+    prov_path = paths.tables("01_curation") / "provenance.csv"
+    if not prov_path.exists():
+        raise FileNotFoundError(f"{prov_path}: curation provenance missing; run 01_curation first")
+    prov = pd.read_csv(prov_path, dtype=str).set_index("release_id")
+
+    def truth_for(case: Case, img: Volume) -> np.ndarray:
+        if case.case_id not in prov.index:
+            raise KeyError(f"{case.case_id}: not in {prov_path}")
+        row = prov.loc[case.case_id]
+        return oracle.load_truth(paths, row["source"], row["source_key"], img)
+
+    return truth_for
+
+
+def replay_truth(truth_dir: str | Path) -> TruthProvider:
+    """Truth for "replay" mode on a real release: its released masks play the truth.
+
+    ``truth_dir`` holds ``<split>/gt/<ID>_seg.nii.gz`` (a CTSpine1K download) or flat
+    ``<ID>_seg.nii.gz`` files. A mask whose grid differs from the image is an error naming both.
+    """
+    root = Path(truth_dir)
+
+    def truth_for(case: Case, img: Volume) -> np.ndarray:
+        cands = [root / case.split / "gt" / f"{case.case_id}_seg.nii.gz", root / f"{case.case_id}_seg.nii.gz"]
+        path = next((p for p in cands if p.exists()), None)
+        if path is None:
+            raise FileNotFoundError(f"{case.case_id}: no released mask in {root} (looked for {cands[0].name})")
+        m = load_volume(path)
+        if m.shape != img.shape or not np.allclose(m.affine, img.affine, atol=1e-3):
+            raise ValueError(f"{path}: grid differs from {case.image_path}")
+        return np.asarray(m.array, dtype=np.uint8)
+
+    return truth_for
+
+
+def model_predictor(device: str = "auto", tta: bool = False) -> Predictor:
+    """Pre-annotation with :func:`lib.infer.predict_case`, the model loaded once per version."""
+    from lib import infer
+
+    cache: dict[str, object] = {}
+
+    def predict(model_dir: Path, image: Path, out: Path) -> None:
+        key = str(model_dir)
+        if key not in cache:
+            cache.clear()
+            cache[key] = infer.load_model(model_dir, device=device)
+        infer.predict_case(cache[key], image, out, tta=tta, device=device)
+
+    return predict
+
+
+def model_finetuner(max_epochs: int, lr: float | None, seed: int, device: str = "auto",
+                    num_threads: int | None = None, cache_dir: Path | None = None) -> Finetuner:
+    """Fine-tune from the previous round's model on every accepted trainset case
+    (:func:`lib.train.train` with ``init_from``; resumable from its checkpoints)."""
+    from lib import train
+
+    def finetune(cases: list[Case], init: Path, out_dir: Path, round_: int) -> Path:
+        triples = [(c.case_id, str(c.image_path), str(Path(c.gt_dir) / f"{c.case_id}_seg.nii.gz")) for c in cases]
+        res = train.train(triples, out_dir, init_from=init, max_epochs=max_epochs, lr=lr, seed=seed + round_,
+                          device=device, num_threads=num_threads, cache_dir=cache_dir, progress=False)
+        return res.model_dir
+
+    return finetune
+
+
+def plot_rounds(rounds: pd.DataFrame, entries: pd.DataFrame, cases: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Figures: estimated minutes per case by round (stacked by tier) and pre-annotation Dice
+    (vs the accepted mask) per case by round. Returns the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lib.io import atomic_path
+
+    out_dir = Path(out_dir)
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = np.zeros(len(rounds))
+    for t in TIERS:
+        col = f"minutes_{t}"
+        if col in rounds:
+            per_case = rounds[col].to_numpy() / rounds["cases"].clip(lower=1).to_numpy()
+            ax.bar(rounds["round"], per_case, bottom=bottom, label=t)
+            bottom += per_case
+    ax.set_xlabel("round")
+    ax.set_ylabel("estimated minutes per case")
+    ax.set_title("Annotation effort per case by round")
+    ax.legend(fontsize=8)
+    for x, sp in zip(rounds["round"], rounds["split"], strict=True):
+        ax.text(x, 0, sp.replace("test_", "t_"), rotation=90, va="bottom", ha="center", fontsize=7, color="white")
+    fig.tight_layout()
+    p = out_dir / "effort_per_case_by_round.png"
+    with atomic_path(p) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    paths.append(p)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    data = [cases.loc[cases["round"] == r, "pre_dice"].dropna().to_numpy() for r in rounds["round"]]
+    ax.boxplot(data, positions=list(rounds["round"]), widths=0.5)
+    for r, d in zip(rounds["round"], data, strict=True):
+        ax.scatter(np.full(len(d), r) + np.linspace(-0.15, 0.15, max(len(d), 1))[: len(d)], d, s=10, alpha=0.6)
+    ax.plot(rounds["round"], rounds["pre_dice_mean"], "k--", lw=1, label="mean")
+    ax.set_xlabel("round (model version = rounds of fine-tuning before it)")
+    ax.set_ylabel("pre-annotation Dice vs accepted mask")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Pre-annotation quality by round")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out_dir / "preannotation_dice_by_round.png"
+    with atomic_path(p) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def human_round(ledger: Ledger, cases: Sequence[Case], cfg: LoopConfig, model_dir: Path, predict: Predictor,
+                export_dir: Path, model_version: int = 0) -> tuple[int, ImportOutcome]:
+    """One step of the human loop: the first round with cases not yet accepted gets its
+    pre-annotations exported for ITK-SNAP (once), and whatever edited masks are already back are
+    validated and imported. Run it again after annotators saved their work.
+
+    Returns:
+        (round number, :class:`ImportOutcome`); round 0 when every case is accepted.
+    """
+    ledger.enqueue([c.case_id for c in cases], [c.split for c in cases])
+    for r, batch in enumerate(plan_batches(cases, cfg.batch_size, cfg.seed), 1):
+        todo = [c for c in batch if ledger.case_status(c.case_id) != "accepted"]
+        if not todo:
+            continue
+        out = Path(export_dir) / f"round_{r:02d}"
+        work = []
+        for c in todo:
+            pre = out / c.case_id / f"{c.case_id}_preannotation_seg.nii.gz"
+            if not pre.exists():
+                predict(model_dir, c.image_path, pre)
+            work.append((c.case_id, c.image_path, pre))
+        export_for_itksnap(out, work)
+        outcome = import_edited(ledger, r, out, {c.case_id: c.gt_dir for c in todo}, model_version)
+        return r, outcome
+    return 0, ImportOutcome([], {}, [])
+
+
+def residual_table(ledger: Ledger, cases: Sequence[Case], truth_for: TruthProvider) -> pd.DataFrame:
+    """Accepted mask vs truth per accepted case: voxels that differ (count and share of the
+    truth's foreground), mean vertebra Dice, whether a label shift survived, the variant."""
+    rows = []
+    status = ledger.cases().set_index("case_id")
+    for c in cases:
+        if c.case_id not in status.index or status.loc[c.case_id, "status"] != "accepted":
+            continue
+        img = load_volume(c.image_path)
+        final = load_volume(status.loc[c.case_id, "mask_path"]).array.astype(np.uint8)
+        truth = truth_for(c, img)
+        wrong = int((final != truth).sum())
+        rows.append({"case_id": c.case_id, "split": c.split, "round": int(status.loc[c.case_id, "round"]),
+                     "variant": variant_of(truth), "voxels_wrong": wrong,
+                     "wrong_share_of_foreground": wrong / max(int((truth > 0).sum()), 1),
+                     "mean_vertebra_dice": mean_vertebra_dice(truth, final),
+                     "label_shift_left": any(level_offsets(truth, final).values())})
+    return pd.DataFrame(rows)
+
+
+def browser_cases(ledger: Ledger, cases: Sequence[Case], work_dir: Path, limit: int = 8):
+    """Accepted cases as :class:`lib.browser.CaseFiles` (accepted mask as truth, the round's
+    pre-annotation as prediction), the lowest pre-annotation Dice first."""
+    from lib.browser import CaseFiles
+
+    st = ledger.cases()
+    st = st[st["status"] == "accepted"].sort_values("pre_dice")
+    by_id = {c.case_id: c for c in cases}
+    out = []
+    for _, r in st.head(limit).iterrows():
+        c = by_id.get(r["case_id"])
+        if c is None:
+            continue
+        pre = Path(work_dir) / "preannotations" / f"round_{int(r['round']):02d}" / f"{c.case_id}_seg.nii.gz"
+        out.append(CaseFiles(c.case_id, c.image_path, Path(r["mask_path"]), pre if pre.exists() else None))
+    return out
