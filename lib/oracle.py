@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from nibabel import orientations
 
-from lib.io import Volume, load_volume, write_text
+from lib.io import Volume, load_volume, resample_nearest, write_text
 from lib.paths import ProfilePaths
 
 INDEX_COLUMNS = (
@@ -128,16 +128,7 @@ def resample_labels_to(labels: np.ndarray, affine: np.ndarray, shape: tuple[int,
     if moved.shape == tuple(shape) and np.allclose(moved_aff, B, atol=atol_mm):
         return np.ascontiguousarray(moved, dtype=np.uint8)
     # general case: nearest truth voxel of each target voxel centre
-    M = np.linalg.inv(A) @ B
-    out = np.zeros(shape, np.uint8)
-    ii, jj = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-    for k in range(shape[2]):
-        pts = M[:3, 0, None, None] * ii + M[:3, 1, None, None] * jj + (M[:3, 2] * k + M[:3, 3])[:, None, None]
-        idx = np.rint(pts).astype(np.int64)
-        ok = np.all((idx >= 0) & (idx < np.array(labels.shape)[:, None, None]), axis=0)
-        sl = out[:, :, k]
-        sl[ok] = labels[idx[0][ok], idx[1][ok], idx[2][ok]]
-    return out
+    return resample_nearest(labels.astype(np.uint8, copy=False), A, tuple(shape), B)
 
 
 def read_phi_planted(paths: ProfilePaths) -> dict:
