@@ -1,0 +1,369 @@
+"""lib.train: resampling, cache, patch sampling/augmentation, determinism, kill/resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lib import model, train
+from lib.io import load_volume
+from lib.paths import REPO_ROOT
+from tests.test_model import make_toy_case, toy_cases
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_plan(cases, **kw):
+    """A two-stage synthetic plan with very small networks (fast on one CPU thread)."""
+    return model.plan_experiment(cases, "synthetic", base_filters=4, max_filters=16, coarse_spacing_mm=4.0,
+                                 roi_margin_mm=8.0, deep_supervision=1, **kw)
+
+
+def _weights(out_dir):
+    return torch.load(out_dir / "model.pt", weights_only=False)["weights"]
+
+
+def _equal(a, b):
+    return all(torch.equal(a[s][k], b[s][k]) for s in a for k in a[s]) and a.keys() == b.keys()
+
+
+# ----------------------------------------------------------------------------- resampling
+
+
+def test_resample_image_keeps_extent_and_constants():
+    a = np.full((10, 12, 14), 3.5, np.float32)
+    assert np.allclose(train.resample_image(a, (5, 6, 7)), 3.5)
+    ramp = np.broadcast_to(np.arange(20, dtype=np.float32), (4, 4, 20)).copy()
+    down = train.resample_image(ramp, (4, 4, 10))
+    # voxel edges aligned: new voxel j covers old voxels 2j, 2j+1 -> centre 2j + 0.5
+    assert np.allclose(down[0, 0], np.arange(10) * 2 + 0.5)
+
+
+def test_resample_labels_per_class_keeps_blocks_and_values():
+    seg = np.zeros((20, 20, 40), np.uint8)
+    seg[4:16, 4:16, 2:18] = 7
+    seg[4:16, 4:16, 22:38] = 28
+    down = train.resample_labels(seg, (10, 10, 20))
+    assert set(np.unique(down)) == {0, 7, 28}
+    assert (down[:, :, 1:9] == 7).sum() == 6 * 6 * 8
+    back = train.resample_labels(down, seg.shape)
+    assert (back == seg).mean() > 0.97
+
+
+def test_mask_to_classes_names_file_and_values(tmp_path):
+    cases = toy_cases(tmp_path, 2)
+    plan = tiny_plan(cases)
+    m = np.array([0, 20, 23, 99], np.uint8)
+    assert train.mask_to_classes(m[:3], plan, "labels").tolist() == [0, 1, 4]
+    assert train.mask_to_classes(m[:3], plan, "foreground").tolist() == [0, 1, 1]
+    with pytest.raises(ValueError, match=r"weird_seg.*\[99\]"):
+        train.mask_to_classes(m, plan, "labels", "weird_seg.nii.gz")
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def test_cache_is_reused_and_redone_when_source_changes(tmp_path):
+    cases = toy_cases(tmp_path / "d", 2)
+    plan = tiny_plan(cases)
+    folder, metas = train.build_cache(cases, plan, "coarse", tmp_path / "cache", progress=False)
+    img = np.load(folder / metas[0]["image"], mmap_mode="r")
+    assert img.dtype == np.float16 and list(img.shape) == metas[0]["shape"]
+    assert not str(folder / metas[0]["image"]).endswith(".gz")
+    assert plan.stage("coarse").task == "levels"
+    seg = np.load(folder / metas[0]["seg"])
+    assert train.decode_levels(seg).max() == len(plan.labels) and seg.dtype == np.uint8
+    near = seg % train.LEVEL_FG
+    assert (near[seg >= train.LEVEL_FG] > 0).all() and (near > 0).sum() > (seg >= train.LEVEL_FG).sum()
+    stamp = (folder / metas[0]["image"]).stat().st_mtime_ns
+    train.build_cache(cases, plan, "coarse", tmp_path / "cache", progress=False)
+    assert (folder / metas[0]["image"]).stat().st_mtime_ns == stamp  # reused
+    time.sleep(0.01)
+    make_toy_case(cases[0][1], cases[0][2], seed=99)
+    train.build_cache(cases, plan, "coarse", tmp_path / "cache", progress=False)
+    assert (folder / metas[0]["image"]).stat().st_mtime_ns != stamp  # redone
+    # the normalisation is the plan's: clipped to the foreground percentiles, z-scored
+    fine_folder, fine_metas = train.build_cache(cases, plan, "fine", tmp_path / "cache", progress=False)
+    fimg = np.load(fine_folder / fine_metas[1]["image"]).astype(np.float32)
+    assert fimg.min() == pytest.approx(train.pad_value(plan.normalization), abs=1e-2)
+    assert set(np.unique(np.load(fine_folder / fine_metas[1]["seg"]))) == {0, 1}
+
+
+def test_levels_targets_and_loss_prefer_the_right_count():
+    cls = np.zeros((1, 1, 12), np.uint8)
+    cls[0, 0, 1:3], cls[0, 0, 6:9] = 1, 2
+    enc = train.encode_levels(cls)
+    assert train.decode_levels(enc).tolist() == cls.tolist()
+    # background voxels carry the nearest vertebra's level: 1 above the gap's middle, 2 below
+    assert (enc[0, 0] % train.LEVEL_FG).tolist() == [1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2] or \
+        (enc[0, 0] % train.LEVEL_FG).tolist() == [1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2]
+    target = torch.as_tensor(enc[None, None].astype(np.int64))  # (1, 1, 1, 1, 12)
+    loss = train.LevelsLoss()
+    good = torch.full((1, 1, 1, 1, 12), -8.0)  # the one threshold: "level > 1"
+    good[0, 0, ..., 5:] = 8.0
+    bad = -good
+    assert float(loss(good, target)) < 0.01 < 1.0 < float(loss(bad, target))
+    pred = train.predicted_classes(good.numpy(), "levels", enc[None])
+    assert pred[0, 0, 0].tolist() == cls[0, 0].tolist()
+    # P(level > 1..4): the level is 1 + the expected number of thresholds passed
+    probs = np.array([[0.95, 0.9, 0.1, 0.05], [0.01] * 4, [0.99] * 4]).T
+    assert train.level_from_ordinal(probs).tolist() == [3, 1, 5]
+
+
+# ----------------------------------------------------------------------------- patches + augmentation
+
+
+def _sampler(tmp_path, augment=None, stage="fine"):
+    cases = toy_cases(tmp_path / "d", 3)
+    plan = tiny_plan(cases)
+    folder, metas = train.build_cache(cases, plan, stage, tmp_path / "cache", progress=False)
+    aug = plan.augmentation if augment is None else augment
+    return train.PatchSampler(train.open_cache(folder, metas), plan.stage(stage), plan, aug, seed=3, stage_index=1), plan
+
+
+def test_patches_are_a_pure_function_of_seed_epoch_iteration_item(tmp_path):
+    s, plan = _sampler(tmp_path, augment={**model.default_augmentation("synthetic"), "p_rotate": 1.0,
+                                          "p_scale": 1.0, "thick_slice_prob": 0.5})
+    a = s.sample(2, 5, 1)
+    b = s.sample(2, 5, 1)
+    c = s.sample(2, 6, 1)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+    assert a[0].shape == (1, *plan.stage("fine").patch_size) and a[1].dtype == np.uint8
+    # DDP: the two ranks' items together are the single-process batch
+    full = s.batch(1, 0)
+    r0, r1 = s.batch(1, 0, 0, 2), s.batch(1, 0, 1, 2)
+    assert np.array_equal(full[0][0::2], r0[0]) and np.array_equal(full[0][1::2], r1[0])
+
+
+def test_augmentation_mirrors_left_right_never_craniocaudal(tmp_path):
+    shape = (16, 16, 32)
+    img = np.broadcast_to(np.arange(32, dtype=np.float32), shape).copy()
+    seg = np.zeros(shape, np.uint8)
+    seg[:4, :, :16] = 1  # right-low corner only
+    seg[:, :, 16:] = 2
+    out_i, out_s = train.extract_patch(img, seg, (7.5, 7.5, 15.5), shape, (1, 1, 1), 0.0, None, flip_lr=True)
+    assert np.array_equal(out_i, img)  # z order kept
+    assert (out_s[-4:, :, :16] == 1).all() and (out_s[:4, :, :16] == 0).all()  # x mirrored
+    # rotation/scale: labels stay labels (nearest neighbour), no new values
+    m = train._rotation([0.3, 0.2, 0.1]) / 1.1
+    ri, rs = train.extract_patch(img, seg, (7.5, 7.5, 15.5), shape, (1, 1, 1), -1.0, m)
+    assert set(np.unique(rs)) <= {0, 1, 2} and ri.shape == shape
+
+
+def test_thick_slice_simulation_blurs_z_only():
+    rng = np.random.default_rng(0)
+    img = rng.normal(0, 1, (12, 12, 48)).astype(np.float32)
+    out = train.simulate_thick_slices(img, 1.0, 5.0, 0.0)
+    dz = np.abs(np.diff(out, axis=2)).mean()
+    dx = np.abs(np.diff(out, axis=0)).mean()
+    assert dz < 0.5 * np.abs(np.diff(img, axis=2)).mean()
+    assert dx > 2 * dz  # in-plane detail kept
+    assert np.array_equal(train.simulate_thick_slices(img, 2.0, 2.5, 0.0), img)  # thinner than 1.5 voxels
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_training_learns_is_deterministic_and_writes_outputs(tmp_path):
+    cases = toy_cases(tmp_path / "d", 4)
+    plan = tiny_plan(cases)
+    kw = dict(val_cases=cases[3:], max_epochs=10, iterations_per_epoch=4, seed=1, progress=False, device="cpu")
+    r1 = train.train(cases[:3], tmp_path / "a", plan, **kw)
+    r2 = train.train(cases[:3], tmp_path / "b", plan, **kw)
+    assert _equal(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    log = pd.read_csv(r1.log_csv)
+    assert list(log["stage"].unique()) == ["locate", "coarse", "fine"]
+    assert r1.epochs == {s.name: max(1, round(10 * s.budget_share)) for s in plan.stages}
+    fine = log[log.stage == "fine"]
+    assert fine["train_loss"].iloc[-1] < fine["train_loss"].iloc[0]
+    coarse = log[log.stage == "coarse"]
+    assert coarse["lr"].iloc[1] < coarse["lr"].iloc[0]  # poly decay
+    assert r1.curve_png.stat().st_size > 5000 and (tmp_path / "a" / "plan.json").exists()
+    assert model.load_plan(tmp_path / "a") == plan
+    # another seed gives other weights; a finished run is returned without training
+    r3 = train.train(cases[:3], tmp_path / "c", plan, **{**kw, "seed": 2})
+    assert not _equal(_weights(tmp_path / "a"), _weights(tmp_path / "c"))
+    t0 = time.perf_counter()
+    again = train.train(cases[:3], tmp_path / "a", plan, **kw)
+    assert time.perf_counter() - t0 < 1.0 and again.model_path == r1.model_path
+    assert r3.seconds > 0 and r2.final_metrics["fine"]["epoch"] == r1.epochs["fine"]
+
+
+def test_fine_tune_starts_from_previous_weights(tmp_path):
+    cases = toy_cases(tmp_path / "d", 3)
+    plan = tiny_plan(cases)
+    base = train.train(cases, tmp_path / "base", plan, max_epochs=4, iterations_per_epoch=3, seed=0, progress=False)
+    # zero learning rate: fine-tuned weights must equal the initial ones exactly
+    ft = train.train(cases[:2], tmp_path / "ft", None, init_from=base.model_dir, max_epochs=2,
+                     iterations_per_epoch=2, lr=1e-12, seed=5, progress=False, augment=False)
+    assert model.load_plan(ft.model_dir) == plan
+    a, b = _weights(tmp_path / "base"), _weights(tmp_path / "ft")
+    diff = max(float((a[s][k].float() - b[s][k].float()).abs().max()) for s in a for k in a[s])
+    assert diff < 1e-6
+    # a plan with another label set: shared layers initialised, the output head starts fresh
+    plan2 = tiny_plan(cases, labels=[20, 21])
+    net = model.build_network(plan2, "coarse")
+    skipped = train._init_state(net, a["coarse"], "base")
+    assert skipped and all(("output_block" in k) or ("deep_supervision" in k) or ("super_head" in k) for k in skipped)
+
+
+def test_time_budget_stops_training(tmp_path):
+    cases = toy_cases(tmp_path / "d", 2)
+    plan = tiny_plan(cases)
+    res = train.train(cases, tmp_path / "t", plan, max_epochs=1000, iterations_per_epoch=2, time_budget_s=3.0,
+                      progress=False)
+    assert set(res.stopped_by.values()) == {"time"}
+    assert res.seconds < 6.0 and sum(res.epochs.values()) < 1000
+
+
+_KILL_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from lib.train import run_job
+run_job(sys.argv[1])
+"""
+
+
+def test_kill_during_epoch_and_resume_equals_uninterrupted(tmp_path):
+    cases = toy_cases(tmp_path / "d", 3)
+    plan = tiny_plan(cases)
+    kw = dict(max_epochs=10, iterations_per_epoch=6, seed=4, progress=False, device="cpu", num_threads=1)
+    ref = train.train(cases, tmp_path / "ref", plan, **kw)
+    job = train.write_job(tmp_path / "job.json", cases, tmp_path / "run", plan, **kw)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(job)], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    k = 3  # kill during epoch 3 of the coarse stage: once the checkpoint of epoch 2 exists
+    ckpt = tmp_path / "run" / "stage_coarse" / "checkpoint.pt"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            if ckpt.exists():
+                epoch = torch.load(ckpt, weights_only=False)["epoch"]  # renamed into place: complete
+                if epoch >= k - 1:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            if proc.poll() is not None:
+                pytest.fail(f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.02)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = torch.load(ckpt, weights_only=False)["epoch"]
+    assert killed_at == k - 1, f"killed after epoch {killed_at}, wanted during epoch {k}"
+    assert not (tmp_path / "run" / "model.pt").exists()
+    res = train.run_job(job)
+    assert res.resumed_from["coarse"] == k - 1
+    assert _equal(_weights(tmp_path / "ref"), _weights(tmp_path / "run"))
+    a, b = pd.read_csv(ref.log_csv), pd.read_csv(res.log_csv)
+    assert np.allclose(a["train_loss"], b["train_loss"], rtol=0, atol=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo_matches_one_process_curve(tmp_path):
+    cases = toy_cases(tmp_path / "d", 4)
+    plan = tiny_plan(cases)
+    st = plan.stages[1]
+    plan = model.Plan(**{**plan.__dict__, "stages": [st], "combine": "single"})  # one stage, foreground only
+    plan.stages[0].budget_share = 1.0
+    kw = dict(max_epochs=8, iterations_per_epoch=4, seed=0, progress=False, device="cpu", num_threads=1)
+    single = train.train(cases, tmp_path / "one", plan, **kw)
+    job = train.write_job(tmp_path / "job.json", cases, tmp_path / "two", plan, **kw)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "lib.train", "--job", str(job)]
+    out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1])
+    one = pd.read_csv(single.log_csv)["train_loss"].to_numpy()
+    two = pd.read_csv(res["log_csv"])["train_loss"].to_numpy()
+    assert len(one) == len(two) == 8
+    assert two[-1] < 0.8 * two[0] and one[-1] < 0.8 * one[0]
+    assert np.corrcoef(one, two)[0, 1] > 0.9
+    assert abs(two[0] - one[0]) / one[0] < 0.15  # same init, same global batch
+
+
+def test_train_rejects_unknown_labels(tmp_path):
+    cases = toy_cases(tmp_path / "d", 2)
+    plan = tiny_plan(cases, labels=[20, 21, 22])
+    with pytest.raises(Exception, match=r"t0_seg.*\[23\]"):
+        train.train(cases, tmp_path / "x", plan, max_epochs=1, iterations_per_epoch=1, progress=False)
+    # label_map can drop a value instead
+    plan2 = tiny_plan(cases, labels=[20, 21, 22], label_map={23: 0})
+    res = train.train(cases, tmp_path / "y", plan2, max_epochs=2, iterations_per_epoch=1, progress=False)
+    assert res.model_path.exists()
+    assert load_volume(cases[0][2]).array.max() == 23
+
+
+# ----------------------------------------------------------------------------- VerSe selection
+
+
+def _verse_scan(root, stem, labels, shape=(10, 10, 72), mask_zoom=1.0, pad_top=9):
+    """A tiny BIDS VerSe scan: one 2-voxel slab per label from the top (superior) down."""
+    from lib.io import save_volume
+
+    sub = stem.split("_")[0]
+    ct = np.zeros(shape, np.int16)
+    m = np.zeros(shape, np.uint8)
+    z = shape[2] - pad_top
+    for v in labels:
+        m[3:7, 3:7, z - 2:z] = v
+        ct[3:7, 3:7, z - 2:z] = 500
+        z -= 2
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    save_volume(ct, aff, root / "rawdata" / sub / f"{stem}_ct.nii.gz")
+    if mask_zoom != 1.0:
+        m = np.repeat(m, int(1 / mask_zoom), axis=2)
+        aff = np.diag([2.0, 2.0, 2.0 * mask_zoom, 1.0])
+    save_volume(m, aff, root / "derivatives" / sub / f"{stem}_seg-vert_msk.nii.gz")
+
+
+def test_verse_selection_keeps_complete_consistent_scans_and_says_why_not(tmp_path):
+    from lib import labels as L
+
+    full = list(range(1, 25))  # C1..L5
+    _verse_scan(tmp_path, "sub-verse001", full)
+    _verse_scan(tmp_path, "sub-verse002_dir-ax", [v for v in full if v != L.T12])  # T11 spine: usable
+    _verse_scan(tmp_path, "sub-verse003", full[:19] + [L.T13] + full[19:])  # T13: usable
+    _verse_scan(tmp_path, "sub-verse004", full[3:])  # starts at C4
+    _verse_scan(tmp_path, "sub-verse005", full[:15])  # ends at T8
+    _verse_scan(tmp_path, "sub-verse006", full, mask_zoom=0.5)  # mask on a 1 mm z grid
+    _verse_scan(tmp_path, "sub-verse007", full, pad_top=0)  # C1 cut by the superior face
+    _verse_scan(tmp_path, "sub-verse008", [v for v in full if v != 12])  # T5 missing inside
+    usable, table = train.select_pretraining_cases(tmp_path, progress=False)
+    assert [u[0] for u in usable] == ["sub-verse001", "sub-verse002_dir-ax", "sub-verse003"]
+    why = dict(zip(table["case_id"], table["reason"], strict=True))
+    assert "C1 not in the field of view" in why["sub-verse004"]
+    assert "ends at T8" in why["sub-verse005"]
+    assert "mask spacing 2 2 1 mm differs" in why["sub-verse006"]
+    assert "border" in why["sub-verse007"] or "above C1" in why["sub-verse007"]
+    assert "T5" in why["sub-verse008"]
+    assert table["usable"].sum() == 3 and len(table) == 8
+    tr, te = train.split_cases(usable, 1, seed=0)
+    assert len(tr) == 2 and len(te) == 1 and set(tr + te) == set(usable)
+    assert train.split_cases(usable, 1, seed=0) == (tr, te)
