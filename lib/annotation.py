@@ -804,7 +804,7 @@ def plot_rounds(rounds: pd.DataFrame, entries: pd.DataFrame, cases: pd.DataFrame
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lib.io import atomic_path
+    from lib.viz import save_figure
 
     out_dir = Path(out_dir)
     paths = []
@@ -824,9 +824,7 @@ def plot_rounds(rounds: pd.DataFrame, entries: pd.DataFrame, cases: pd.DataFrame
         ax.text(x, 0, sp.replace("test_", "t_"), rotation=90, va="bottom", ha="center", fontsize=7, color="white")
     fig.tight_layout()
     p = out_dir / "effort_per_case_by_round.png"
-    with atomic_path(p) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, p)
     paths.append(p)
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -842,9 +840,7 @@ def plot_rounds(rounds: pd.DataFrame, entries: pd.DataFrame, cases: pd.DataFrame
     ax.legend(fontsize=8)
     fig.tight_layout()
     p = out_dir / "preannotation_dice_by_round.png"
-    with atomic_path(p) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, p)
     paths.append(p)
     return paths
 

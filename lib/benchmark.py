@@ -23,7 +23,6 @@ import pandas as pd
 
 from lib import labels as L
 from lib.io import (
-    atomic_path,
     load_volume,
     resample_nearest,
     save_like,
@@ -145,13 +144,10 @@ def case_scores(per_case: pd.DataFrame) -> pd.DataFrame:
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    from lib.viz import save_figure
 
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    save_figure(fig, path)
+    return Path(path)
 
 
 def plot_dice_by_vertebra(table2: pd.DataFrame, path: Path) -> Path:
