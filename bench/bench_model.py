@@ -12,9 +12,12 @@ Measured in one run, on the CPU (and on the GPU when one is available):
   competitor: same network, same windows, full-volume output buffer), and the resulting
   seconds per 512 x 512 x 500 volume (extrapolated on the CPU, measured on a GPU);
 * the whole synthetic cascade (``lib.infer.predict_volume``) on a synthetic whole-spine scan
-  (120 x 120 x 390 voxels at 2 mm, like the synthetic VerSe), seconds per case.
+  (120 x 120 x 390 voxels at 2 mm, like the synthetic VerSe), seconds per case; with random
+  weights the spine search covers the whole field of view (the worst case), so pass
+  ``--model runs/synthetic/02_pretraining/models --image <a VerSe CT>`` for a trained model.
 
-Networks have random weights: speed does not depend on them.
+Networks have random weights unless ``--model`` is given: the speed of a step or a window does
+not depend on them.
 """
 
 from __future__ import annotations
@@ -99,6 +102,23 @@ def time_sliding_window(plan, stage, shape, dev) -> tuple[float, float]:
     return ours, time.perf_counter() - t0
 
 
+def bench_trained(model_dir: str, image: str, dev) -> None:
+    """Seconds per case of a trained model on one image (load excluded, best of two)."""
+    from lib.io import load_volume
+
+    lm = infer.load_model(model_dir, str(dev))
+    vol = load_volume(image)
+    times = []
+    for _ in range(2):
+        _sync(dev)
+        t0 = time.perf_counter()
+        infer.predict_volume(lm, vol.array, vol.spacing)
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    print(f"\ntrained model {model_dir} on {image} {vol.shape}: {min(times):.2f} s per case "
+          f"({np.prod(vol.shape) / min(times) / 1e6:.2f} Mvox/s of input)")
+
+
 def bench_device(dev, quick: bool) -> None:
     print(f"\n=== device {dev} (torch threads {torch.get_num_threads()}) ===")
     syn = model.plan_experiment(_fingerprint((120, 120, 390), (2.0, 2.0, 2.0), range(1, 26)), "synthetic",
@@ -158,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller paper-size patch and volume on the CPU")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--device", default="auto", help="auto: CPU, then the GPU when available")
+    ap.add_argument("--model", default=None, help="a trained model folder (model.pt + plan.json)")
+    ap.add_argument("--image", default=None, help="a CT for --model")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")]
@@ -167,6 +189,8 @@ def main(argv=None) -> int:
         devices = [torch.device("cpu")]
     for dev in devices:
         bench_device(dev, args.quick)
+        if args.model and args.image:
+            bench_trained(args.model, args.image, dev)
     return 0
 
 

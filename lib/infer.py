@@ -302,7 +302,7 @@ def predict_stage_probs(net, image: np.ndarray, stage: StagePlan, plan: Plan, n_
 
 
 def postprocess_labels(labels: np.ndarray, spacing: Sequence[float], largest_component: bool = True,
-                       min_component_mm3: float = 0.0) -> np.ndarray:
+                       min_component_mm3: float = 0.0, relabel_fragments: bool = True) -> np.ndarray:
     """Clean a label map (uint8, (x, y, z)).
 
     Args:
@@ -310,6 +310,9 @@ def postprocess_labels(labels: np.ndarray, spacing: Sequence[float], largest_com
         spacing: voxel size (mm) for the volume threshold.
         largest_component: keep only the largest 26-connected component of each label.
         min_component_mm3: remove connected components of the spine (label > 0) smaller than this.
+        relabel_fragments: a fragment cut off its label by ``largest_component`` but touching the
+            spine takes the label of the nearest kept voxel (a piece of L3 called L4 becomes L3)
+            instead of becoming background; the spine mask is then unchanged by this step.
 
     Returns:
         A cleaned copy (removed voxels become 0).
@@ -319,6 +322,7 @@ def postprocess_labels(labels: np.ndarray, spacing: Sequence[float], largest_com
         return out
     struct = np.ones((3, 3, 3), dtype=bool)
     if largest_component:
+        dropped = np.zeros(out.shape, dtype=bool)
         objs = ndimage.find_objects(out)
         for v, sl in enumerate(objs, start=1):
             if sl is None:
@@ -329,7 +333,18 @@ def postprocess_labels(labels: np.ndarray, spacing: Sequence[float], largest_com
                 sizes = np.bincount(comp.ravel())
                 sizes[0] = 0
                 keep = int(np.argmax(sizes))
-                sub[(comp > 0) & (comp != keep)] = 0
+                drop = (comp > 0) & (comp != keep)
+                sub[drop] = 0
+                dropped[sl] |= drop
+        if relabel_fragments and dropped.any() and out.any():
+            box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(dropped | (out > 0)))
+            sub, dsub = out[box], dropped[box]
+            frag, nf = ndimage.label(dsub, structure=struct)
+            touching = np.unique(frag[ndimage.binary_dilation(sub > 0, structure=struct) & (frag > 0)])
+            dsub = np.isin(frag, touching[touching > 0])  # fragments attached to the kept spine
+            if dsub.any():
+                _, ind = ndimage.distance_transform_edt(sub == 0, return_indices=True)
+                sub[dsub] = sub[tuple(i[dsub] for i in ind)]
     if min_component_mm3 > 0:
         vox = float(np.prod(spacing))
         comp, n = ndimage.label(out > 0, structure=struct)
@@ -343,6 +358,47 @@ def postprocess_labels(labels: np.ndarray, spacing: Sequence[float], largest_com
 
 
 # --------------------------------------------------------------------------- whole volumes
+
+
+def split_at_necks(labels: np.ndarray, spacing: Sequence[float], core_fraction: float = 0.5) -> np.ndarray:
+    """Move label boundaries to the thin parts of the spine mask (a marker watershed).
+
+    Adjacent vertebrae touch only through facet joints and, in a soft segmentation, across
+    the disc rim: narrow necks of the spine mask. A coarse labelling stage puts the boundary
+    between two labels within a voxel or two of its own grid instead. Each label's core (the
+    voxels whose distance to the background is at least ``core_fraction`` of that label's
+    largest) seeds a watershed of the negated distance map inside the unchanged spine mask,
+    so every boundary settles on the neck nearest to where the coarse stage drew it.
+
+    Args:
+        labels: uint8 label map (0 = background).
+        spacing: voxel size (mm).
+        core_fraction: how deep inside its label a voxel must be to seed it (0..1).
+
+    Returns:
+        A relabelled copy; ``labels > 0`` is unchanged, and so is the set of label values.
+    """
+    from skimage.segmentation import watershed
+
+    fg = labels > 0
+    if not fg.any():
+        return labels.copy()
+    idx = np.nonzero(fg)
+    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in idx)
+    sub, fsub = labels[box], fg[box]
+    # spacing rounded: float32 headers of the same scan stored another way (LPS, oblique) must
+    # give the same distances, or the watershed breaks its ties differently
+    edt = ndimage.distance_transform_edt(fsub, sampling=[round(float(s), 4) for s in spacing]).astype(np.float32)
+    markers = np.zeros(sub.shape, dtype=np.int32)
+    for v, sl in enumerate(ndimage.find_objects(sub.astype(np.int32)), start=1):
+        if sl is None:
+            continue
+        here = sub[sl] == v
+        depth = np.where(here, edt[sl], 0.0)
+        markers[sl][here & (depth >= core_fraction * float(depth.max()))] = v
+    out = labels.copy()
+    out[box] = watershed(-edt, markers, mask=fsub).astype(np.uint8)
+    return out
 
 
 def _spine_bbox(fg: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -431,10 +487,12 @@ def predict_volume(model: LoadedModel | str | Path, ct_hu: np.ndarray, spacing: 
     else:
         if plan.combine == "label_transfer":
             lab = _transfer_labels(plan, outs, ct.shape)
+            if plan.inference.get("split_necks") and lab.any():
+                lab = split_at_necks(lab, spacing, float(plan.inference["split_necks"]))
     pp = plan.inference.get("postprocess", {}) if postprocess is not False else {}
     if pp and lab.any():
         lab = postprocess_labels(lab, spacing, bool(pp.get("largest_component", True)),
-                                 float(pp.get("min_component_mm3", 0.0)))
+                                 float(pp.get("min_component_mm3", 0.0)), bool(pp.get("relabel_fragments", True)))
     m.stats["last_seconds"] = time.perf_counter() - t0
     return lab
 
@@ -442,14 +500,16 @@ def predict_volume(model: LoadedModel | str | Path, ct_hu: np.ndarray, spacing: 
 def _transfer_labels(plan: Plan, outs: dict[str, _StageOutput], shape: tuple[int, ...]) -> np.ndarray:
     """Spine of the last (foreground) stage, each voxel labelled by the labels stage's
     probabilities trilinearly interpolated at its position (``labels``: the most probable
-    label; ``levels``: :func:`lib.train.level_from_ordinal` of the ordinal probabilities)."""
+    label; ``levels``: ``plan.inference["level_decoder"]`` = ``"median"``, 1 + the number of
+    thresholds with probability > 0.5 (default: small probabilities on the far thresholds do
+    not add up and pull C1 and L5 towards the middle), or ``"expected"``, 1 + their sum)."""
     lab = np.zeros(shape, dtype=np.uint8)
     fine = outs[plan.stages[-1].name]
     lstage = next(s for s in plan.stages if s.task in ("labels", "levels"))
     coarse = outs[lstage.name]
     roi_shape = tuple(b.stop - b.start for b in fine.box)
     prob = fine.fg_prob if fine.fg_prob.shape == roi_shape else resample_image(fine.fg_prob, roi_shape)
-    pts = np.nonzero(prob > 0.5)
+    pts = np.nonzero(prob > float(plan.inference.get("spine_threshold", 0.5)))
     if pts[0].size == 0:
         return lab
     c_roi = [b.stop - b.start for b in coarse.box]
@@ -473,10 +533,12 @@ def _transfer_labels(plan: Plan, outs: dict[str, _StageOutput], shape: tuple[int
         if pts[0].size == 0:
             return lab
     if lstage.task == "levels":
+        median = plan.inference.get("level_decoder", "median") == "median"
         total = np.zeros(pts[0].size, dtype=np.float64)
         for k in range(coarse.probs.shape[0]):
-            total += ndimage.map_coordinates(coarse.probs[k], coords, order=1, mode="nearest", prefilter=False)
-        arg = np.clip(level_from_ordinal(total[None]), 1, len(plan.labels)).astype(np.uint8)
+            pk = ndimage.map_coordinates(coarse.probs[k], coords, order=1, mode="nearest", prefilter=False)
+            total += (pk > 0.5) if median else pk
+        arg = np.clip(1 + total if median else level_from_ordinal(total[None]), 1, len(plan.labels)).astype(np.uint8)
     else:
         best = np.full(pts[0].size, -1.0, dtype=np.float32)
         arg = np.zeros(pts[0].size, dtype=np.uint8)

@@ -71,7 +71,7 @@ from lib.model import (
     save_plan,
 )
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 MAX_FG_SAMPLES = 4000  # stored foreground coordinates per class and case
 
 
@@ -223,6 +223,7 @@ def preprocess_arrays(ct: np.ndarray, mask: np.ndarray | None, spacing: Sequence
 
 def _stage_key(plan: Plan, stage: StagePlan) -> str:
     payload = json.dumps({"v": CACHE_VERSION, "spacing": stage.spacing_mm, "task": stage.task,
+                          "soft": stage.soft_targets, "roi": [stage.roi_from, stage.roi_margin_mm, stage.roi_jitter_mm],
                           "norm": plan.normalization, "labels": plan.labels,
                           "map": {str(k): v for k, v in plan.label_map.items()}}, sort_keys=True)
     return f"{stage.name}_{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
@@ -309,7 +310,14 @@ def cache_case(job: CacheJob) -> dict[str, dict[str, Any]]:
         if stage.roi_from is not None and seg.any():
             idx = np.nonzero(seg)
             roi = [[int(i.min()) for i in idx], [int(i.max()) + 1 for i in idx]]
-        stored = (encode_levels(seg, LEVEL_NEAR_MM / min(stage.spacing_mm)) if stage.task == "levels" else seg)
+        if stage.task == "levels":
+            stored = encode_levels(seg, LEVEL_NEAR_MM / min(stage.spacing_mm))
+        elif stage.task == "foreground" and stage.soft_targets:  # the spine fraction of each voxel
+            frac = (resample_image(cls_o.astype(np.float32), new_shape) if tuple(new_shape) != cls_o.shape
+                    else cls_o.astype(np.float32))
+            stored = np.rint(np.clip(frac, 0, 1) * SOFT_MAX).astype(np.uint8)
+        else:
+            stored = seg
         rng = np.random.default_rng(zlib_seed(job.case_id))
         fg_rows = []
         classes = [int(c) for c in np.unique(seg) if c != 0]
@@ -330,6 +338,12 @@ def cache_case(job: CacheJob) -> dict[str, dict[str, Any]]:
         out[sname] = meta
     return out
 
+
+SOFT_MAX = 255
+"""``foreground`` targets are stored as the spine fraction of each voxel x 255 (uint8): with a
+majority (hard) target at 3 mm the spine Dice on a 2 mm grid cannot exceed ~0.90; with the
+fraction it can reach ~0.97 (the network learns partial volume; its probability, interpolated
+to the image grid and thresholded at 0.5, follows the surface)."""
 
 LEVEL_NEAR_MM = 15.0
 """``levels`` targets: the ordinal outputs are trained within this distance of the spine (mm)."""
@@ -583,7 +597,7 @@ def _rotation(angles_rad: Sequence[float]) -> np.ndarray:
 def extract_patch(image: np.ndarray, seg: np.ndarray | None, centre: Sequence[float], patch: Sequence[int],
                   spacing: Sequence[float], fill: float, matrix: np.ndarray | None = None,
                   flip_lr: bool = False, valid_box: tuple[Sequence[int], Sequence[int]] | None = None,
-                  return_z: bool = False):
+                  return_z: bool = False, seg_order: int = 0):
     """Cut a patch centred on ``centre`` (voxel coordinates), optionally rotated/scaled.
 
     Args:
@@ -598,6 +612,8 @@ def extract_patch(image: np.ndarray, seg: np.ndarray | None, centre: Sequence[fl
         flip_lr: mirror the patch along x (left-right).
         valid_box: ``(lo, hi)`` voxel box of ``image``; outside it the patch is ``fill`` and
             background, as if the volume had been cropped there (region-of-interest stages).
+        seg_order: interpolation of ``seg`` when rotating/scaling: 0 (labels, nearest) or 1
+            (soft targets such as spine fractions).
 
     Returns:
         ``(image patch float32, seg patch uint8 or None)``, plus with ``return_z`` the source
@@ -646,8 +662,9 @@ def extract_patch(image: np.ndarray, seg: np.ndarray | None, centre: Sequence[fl
             seg_p = None
             if seg is not None:
                 seg_c = np.asarray(seg[box])
-                seg_p = ndimage.map_coordinates(seg_c, local, order=0, mode="constant", cval=0,
-                                                prefilter=False).reshape(patch).astype(np.uint8)
+                seg_p = ndimage.map_coordinates(seg_c.astype(np.float32) if seg_order else seg_c, local,
+                                                order=seg_order, mode="constant", cval=0, prefilter=False)
+                seg_p = np.rint(seg_p).reshape(patch).astype(np.uint8)
             if valid_box is not None:
                 outside = np.any((src_vox < np.asarray(vlo)[:, None] - 0.5) | (src_vox > np.asarray(vhi)[:, None] - 0.5),
                                  axis=0).reshape(patch)
@@ -759,8 +776,10 @@ class PatchSampler:
         rng = np.random.default_rng([self.seed, self.stage_index, epoch, iteration, item])
         case = self.cases[int(rng.integers(len(self.cases)))]
         region = self._region(case, rng)
-        centre = self._centre(case, rng, region)
         aug = self.aug if (augment and self.aug) else {}
+        if region is not None and self.stage.whole_volume and rng.random() < aug.get("p_fov_crop", 0.0):
+            region = crop_region_z(region, rng, aug.get("fov_crop_fraction", (0.3, 0.7)))
+        centre = self._centre(case, rng, region)
         matrix = None
         rot = rng.random() < aug.get("p_rotate", 0.0)
         scl = rng.random() < aug.get("p_scale", 0.0)
@@ -774,7 +793,8 @@ class PatchSampler:
         flip = rng.random() < aug.get("p_flip_lr", 0.0)
         valid = region if (region is not None and self.stage.whole_volume) else None
         img, seg, z_src = extract_patch(case.image, case.seg, centre, self.stage.patch_size, self.stage.spacing_mm,
-                                        self.fill, matrix, flip, valid, return_z=True)
+                                        self.fill, matrix, flip, valid, return_z=True,
+                                        seg_order=1 if self.stage.soft_targets else 0)
         if aug:
             img = augment_intensity(img, aug, rng, self.stage.spacing_mm)
         if self.stage.z_coord:
@@ -797,6 +817,24 @@ class PatchSampler:
         imgs = np.stack([p[0] for p in pairs])
         segs = np.stack([p[1] for p in pairs])[:, None].astype(np.int64)
         return imgs, segs
+
+
+def crop_region_z(region: tuple[np.ndarray, np.ndarray], rng: np.random.Generator,
+                  fraction: Sequence[float] = (0.3, 0.7)) -> tuple[np.ndarray, np.ndarray]:
+    """Field-of-view augmentation: keep a random craniocaudal part of a region of interest.
+
+    The whole-spine stage is trained on complete scans, but it meets scans that show only
+    the neck, the chest or the lumbar spine (CTSpine1K's sources, cropped VerSe). Cutting the
+    region to ``fraction`` (a range) of its length at a random position, with everything
+    outside it filled as if the scan ended there, teaches the network that the ends of its
+    region are not always C1 and the sacrum (and that the ``z_coord`` input is relative).
+    """
+    lo, hi = np.array(region[0], dtype=int), np.array(region[1], dtype=int)
+    length = int(hi[2] - lo[2])
+    keep = max(int(round(length * float(rng.uniform(*fraction)))), 1)
+    start = int(lo[2]) + int(rng.integers(0, max(length - keep, 0) + 1))
+    lo[2], hi[2] = start, start + keep
+    return lo, hi
 
 
 def z_channel(z_vox: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -1016,7 +1054,8 @@ def train(cases: Sequence[Sequence[str]], out_dir: str | Path, plan: Plan | None
             use the same plan to skip preprocessing.
         workers: processes for preprocessing (``lib.parallel``); 0 = this process.
         num_threads: ``torch.set_num_threads`` for this run (CPU); None leaves it.
-        stages: train only these stages (default all).
+        stages: train only these stages (default all); with ``init_from`` the other stages keep
+            their weights, so ``model.pt`` stays complete (e.g. fine-tune only ``["coarse"]``).
         progress: show progress bars.
 
     Returns:
@@ -1167,7 +1206,7 @@ def train(cases: Sequence[Sequence[str]], out_dir: str | Path, plan: Plan | None
                 elif rank == 0:
                     print(f"{ckpt_path}: checkpoint of another configuration, starting {sname} over")
             resumed[sname] = start_epoch
-            loss_fn = _make_loss(st.task)
+            loss_fn = _make_loss("soft" if st.soft_targets else st.task)
             n_classes = 1 + len(plan.labels) if st.task == "levels" else st.n_classes(plan)
             stop_reason = "epochs"
             epoch = start_epoch
@@ -1205,7 +1244,8 @@ def train(cases: Sequence[Sequence[str]], out_dir: str | Path, plan: Plan | None
                         head = out[:, 0] if out.dim() == 6 else out
                         f, m = dice_scores(predicted_classes(head.detach().float().cpu().numpy(), st.task,
                                                              y_np[:, 0]),
-                                           target_classes(y_np[:, 0], st.task), n_classes)
+                                           target_classes(y_np[:, 0], "soft" if st.soft_targets else st.task),
+                                           n_classes)
                         dfg.append(f)
                         dmean.append(m)
                 mean_loss = float(np.mean(losses))
@@ -1217,7 +1257,7 @@ def train(cases: Sequence[Sequence[str]], out_dir: str | Path, plan: Plan | None
                        "train_dice_fg": float(np.mean(dfg)), "train_dice_mean": float(np.mean(dmean))}
                 if vsampler is not None:
                     row.update(_validate(net, vsampler, loss_fn, n_classes, int(tr.get("val_patches", 4)), dev, use_amp,
-                                         st.task))
+                                         st.task, st.soft_targets))
                 epoch_s = time.perf_counter() - t0
                 elapsed += epoch_s
                 epoch_times.append(epoch_s)
@@ -1250,6 +1290,10 @@ def train(cases: Sequence[Sequence[str]], out_dir: str | Path, plan: Plan | None
                 budget_left -= elapsed
         # ---- outputs
         model_dir = out_dir
+        if init_from is not None:  # stages not trained here keep the weights they started from
+            for name, state in init_weights.items():
+                if name not in weights and any(st.name == name for st in plan.stages):
+                    weights[name] = state
         if rank == 0:
             _save_torch({"plan": plan_to_dict(plan), "weights": weights, "config_hash": chash}, out_dir / "model.pt")
             log_csv = write_log(all_rows, out_dir / "train_log.csv")
@@ -1294,8 +1338,27 @@ def _make_loss(task: str = "labels"):
 
     if task == "levels":
         return LevelsLoss()
+    if task == "soft":
+        return SoftForegroundLoss()
     return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
                       smooth_nr=1e-5, smooth_dr=1e-5)
+
+
+class SoftForegroundLoss:
+    """DiceCE (batch Dice without background + cross-entropy) against soft spine fractions
+    (targets ``0..255``, see :data:`SOFT_MAX`)."""
+
+    def __init__(self):
+        from monai.losses import DiceCELoss
+
+        self.loss = DiceCELoss(include_background=False, to_onehot_y=False, softmax=True, batch=True,
+                               smooth_nr=1e-5, smooth_dr=1e-5)
+
+    def __call__(self, logits, target):
+        import torch
+
+        f = target.float() / SOFT_MAX
+        return self.loss(logits, torch.cat([1 - f, f], 1))
 
 
 class LevelsLoss:
@@ -1342,8 +1405,13 @@ def level_from_ordinal(probs: np.ndarray, axis: int = 0) -> np.ndarray:
 
 
 def target_classes(target: np.ndarray, task: str) -> np.ndarray:
-    """Class indices of training targets (decodes ``levels`` targets)."""
-    return decode_levels(target) if task == "levels" else np.asarray(target)
+    """Class indices of training targets (decodes ``levels`` targets, and spine fractions for
+    ``task="soft"``)."""
+    if task == "levels":
+        return decode_levels(target)
+    if task == "soft":
+        return (np.asarray(target) >= (SOFT_MAX + 1) // 2).astype(np.uint8)
+    return np.asarray(target)
 
 
 def _deep_loss(loss_fn, out, y, deep_supervision: int):
@@ -1367,7 +1435,7 @@ def _iterate_batches(sampler: PatchSampler, epoch: int, iters: int, rank: int, w
 
 
 def _validate(net, vsampler: PatchSampler, loss_fn, n_classes: int, n_patches: int, dev, use_amp: bool,
-              task: str = "labels") -> dict[str, float]:
+              task: str = "labels", soft: bool = False) -> dict[str, float]:
     import torch
 
     net.eval()
@@ -1381,7 +1449,7 @@ def _validate(net, vsampler: PatchSampler, loss_fn, n_classes: int, n_patches: i
                 out = net(x)
             losses.append(float(loss_fn(out.float(), y)))
             f, m = dice_scores(predicted_classes(out.float().cpu().numpy(), task, seg[None])[0],
-                               target_classes(seg, task), n_classes)
+                               target_classes(seg, "soft" if soft else task), n_classes)
             fgs.append(f)
             means.append(m)
     net.train()

@@ -104,6 +104,11 @@ def test_postprocess_keeps_largest_component_per_label_and_drops_specks():
     assert (out == 5).sum() == 216 and (out[12:14, 12:14, 12:14] == 0).all()
     assert (out == 6).sum() == 216 and (out == 7).sum() == 0
     assert (infer.postprocess_labels(lab, (1, 1, 1), False, 0) == lab).all()
+    # a stray piece of label 6 stuck to vertebra 5 is relabelled 5, not deleted
+    lab2 = lab.copy()
+    lab2[8, 3:6, 3:6] = 6
+    out2 = infer.postprocess_labels(lab2, (1, 1, 1), largest_component=True, min_component_mm3=5)
+    assert (out2[8, 3:6, 3:6] == 5).all() and (out2 == 6).sum() == 216
 
 
 def _lps(spacing, shape, origin):
@@ -180,3 +185,19 @@ def test_single_stage_plan_predicts_on_its_own_grid(tmp_path):
     lab = infer.predict_volume(m, vol.array, vol.spacing, tta=True)
     assert lab.shape == vol.shape and lab.dtype == np.uint8
     assert set(np.unique(lab)) <= {0, 20, 21, 22, 23}
+
+
+def test_split_at_necks_moves_a_misplaced_boundary_to_the_thin_joint():
+    # two "vertebrae" (16-voxel cubes) joined by a 2 x 2 voxel "facet joint"; the coarse stage
+    # put the boundary 2 voxels inside the lower one
+    lab = np.zeros((20, 20, 40), np.uint8)
+    lab[2:18, 2:18, 2:18] = 1
+    lab[9:11, 9:11, 18:21] = 1  # the neck
+    lab[2:18, 2:18, 21:37] = 2
+    lab[2:18, 2:18, 21:23] = 1  # misplaced boundary
+    out = infer.split_at_necks(lab, (1.0, 1.0, 1.0), core_fraction=0.3)
+    assert np.array_equal(out > 0, lab > 0)  # the spine mask is untouched
+    assert (out[2:18, 2:18, 2:18] == 1).all() and (out[2:18, 2:18, 21:37] == 2).all()
+    assert set(np.unique(out)) == {0, 1, 2}
+    # anisotropic spacing is honoured and an empty map passes through
+    assert not infer.split_at_necks(np.zeros((4, 4, 4), np.uint8), (1, 1, 3)).any()

@@ -167,6 +167,33 @@ def test_augmentation_mirrors_left_right_never_craniocaudal(tmp_path):
     assert set(np.unique(rs)) <= {0, 1, 2} and ri.shape == shape
 
 
+def test_fov_crop_keeps_a_random_part_of_the_region_along_z_only(tmp_path):
+    region = (np.array([3, 4, 10]), np.array([30, 31, 110]))
+    lengths, starts = [], []
+    for i in range(200):
+        lo, hi = train.crop_region_z(region, np.random.default_rng(i), (0.3, 0.7))
+        assert list(lo[:2]) == [3, 4] and list(hi[:2]) == [30, 31]  # x, y untouched
+        assert 10 <= lo[2] < hi[2] <= 110
+        lengths.append(hi[2] - lo[2])
+        starts.append(lo[2])
+    assert 30 <= min(lengths) and max(lengths) <= 70
+    assert min(starts) < 20 and max(starts) > 60  # the kept part wanders over the whole region
+    # in the sampler: the whole-spine stage's patch is fill (and background) outside the kept
+    # part, as if the scan ended there; without the augmentation the labels reach further
+    none = {"p_fov_crop": 0.0}
+    s0, plan = _sampler(tmp_path / "a", augment=none, stage="coarse")
+    s1, _ = _sampler(tmp_path / "b", augment={"p_fov_crop": 1.0, "fov_crop_fraction": [0.3, 0.5]}, stage="coarse")
+    fill = train.pad_value(plan.normalization)
+    for item in range(4):
+        (i0, g0), (i1, g1) = s0.sample(0, 0, item), s1.sample(0, 0, item)
+        z0 = np.nonzero((g0 > 0).any(axis=(0, 1)))[0]
+        z1 = np.nonzero((g1 > 0).any(axis=(0, 1)))[0]
+        assert z1.size and z1.size < z0.size and set(z1) <= set(z0)
+        seen0 = ~np.isclose(i0[0], fill).all(axis=(0, 1))
+        seen1 = ~np.isclose(i1[0], fill).all(axis=(0, 1))
+        assert seen1.sum() < seen0.sum() and seen1[z1].all()  # less image, labels only where there is image
+
+
 def test_thick_slice_simulation_blurs_z_only():
     rng = np.random.default_rng(0)
     img = rng.normal(0, 1, (12, 12, 48)).astype(np.float32)
@@ -217,6 +244,13 @@ def test_fine_tune_starts_from_previous_weights(tmp_path):
     a, b = _weights(tmp_path / "base"), _weights(tmp_path / "ft")
     diff = max(float((a[s][k].float() - b[s][k].float()).abs().max()) for s in a for k in a[s])
     assert diff < 1e-6
+    # fine-tune one stage only: the others keep their weights and the model stays complete
+    one = train.train(cases[:2], tmp_path / "one", None, init_from=base.model_dir, max_epochs=1,
+                      iterations_per_epoch=2, seed=5, progress=False, stages=["coarse"])
+    w1 = _weights(one.model_dir)
+    assert set(w1) == {"locate", "coarse", "fine"}
+    assert all(torch.equal(w1["fine"][k], a["fine"][k]) for k in a["fine"])
+    assert not all(torch.equal(w1["coarse"][k], a["coarse"][k]) for k in a["coarse"])
     # a plan with another label set: shared layers initialised, the output head starts fresh
     plan2 = tiny_plan(cases, labels=[20, 21])
     net = model.build_network(plan2, "coarse")
@@ -367,3 +401,19 @@ def test_verse_selection_keeps_complete_consistent_scans_and_says_why_not(tmp_pa
     tr, te = train.split_cases(usable, 1, seed=0)
     assert len(tr) == 2 and len(te) == 1 and set(tr + te) == set(usable)
     assert train.split_cases(usable, 1, seed=0) == (tr, te)
+
+
+def test_foreground_targets_are_spine_fractions_on_a_coarser_grid(tmp_path):
+    cases = toy_cases(tmp_path / "d", 2)
+    plan = tiny_plan(cases, target_spacing_mm=[3.0, 3.0, 3.0], soft_targets=True)
+    folder, metas = train.build_cache(cases, plan, "fine", tmp_path / "cache", progress=False)
+    seg = np.load(folder / metas[0]["seg"])
+    partial = (seg > 0) & (seg < train.SOFT_MAX)
+    assert partial.any() and (seg == train.SOFT_MAX).any()  # boundary voxels hold fractions
+    # the loss prefers probabilities equal to the fractions over hard 0/1 guesses
+    y = torch.as_tensor(seg[None, None].astype(np.int64))
+    f = y.float() / train.SOFT_MAX
+    exact = torch.log(torch.cat([1 - f, f], 1).clamp(1e-4, 1))
+    hard = torch.log(torch.cat([(f < 0.5).float(), (f >= 0.5).float()], 1).clamp(1e-4, 1))
+    loss = train.SoftForegroundLoss()
+    assert float(loss(exact, y)) < float(loss(hard, y))
