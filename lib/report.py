@@ -133,14 +133,46 @@ def build_report(profile: str, render_notebooks: bool = True) -> Path:
     return write_text(root / "report.html", page)
 
 
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+"""Flags for Debian's ``chromium`` driven by playwright (never a browser playwright downloads)."""
+
+
+def screenshot(html_path: Path, png: Path, width: int = 1400, full_page: bool = True) -> Path:
+    """Save what a person sees when opening ``html_path`` in Chromium (Debian's ``chromium``
+    through playwright, offline) as ``png``; raises when ``chromium`` is not installed."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    exe = shutil.which("chromium")
+    if exe is None:
+        raise RuntimeError("screenshot: Debian's chromium is not installed (apt-get install chromium)")
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": width, "height": 900})
+        page.goto(Path(html_path).resolve().as_uri())
+        page.wait_for_load_state("load")
+        page.screenshot(path=str(png), full_page=full_page)
+        browser.close()
+    return png
+
+
 def main(argv=None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m lib.report", description="Build runs/<profile>/report.html")
     ap.add_argument("--profile", default="synthetic")
     ap.add_argument("--no-notebooks", action="store_true", help="do not render executed notebooks")
+    ap.add_argument("--screenshot", type=Path, default=None,
+                    help="also save the report as a browser shows it (PNG; needs Debian's chromium)")
     args = ap.parse_args(argv)
-    print(build_report(args.profile, render_notebooks=not args.no_notebooks))
+    out = build_report(args.profile, render_notebooks=not args.no_notebooks)
+    print(out)
+    if args.screenshot:
+        print(screenshot(out, args.screenshot))
     return 0
 
 

@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from lib import report as report_mod
 from lib.io import save_volume
 from lib.paths import REPO_ROOT
 from tests.annotation_fixtures import spine_mask
@@ -31,8 +32,7 @@ from tests.annotation_fixtures import spine_mask
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 CHROMIUM = shutil.which("chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
+ARGS = report_mod.CHROMIUM_ARGS
 SHOTS = REPO_ROOT / "runs" / "browser_test"
 
 
