@@ -538,7 +538,7 @@ def _transfer_labels(plan: Plan, outs: dict[str, _StageOutput], shape: tuple[int
         for k in range(coarse.probs.shape[0]):
             pk = ndimage.map_coordinates(coarse.probs[k], coords, order=1, mode="nearest", prefilter=False)
             total += (pk > 0.5) if median else pk
-        arg = np.clip(1 + total if median else level_from_ordinal(total[None]), 1, len(plan.labels)).astype(np.uint8)
+        arg = np.clip(1 + total if median else level_from_ordinal(total[None]), 1, len(plan.level_ladder())).astype(np.uint8)
     else:
         best = np.full(pts[0].size, -1.0, dtype=np.float32)
         arg = np.zeros(pts[0].size, dtype=np.uint8)
@@ -548,7 +548,7 @@ def _transfer_labels(plan: Plan, outs: dict[str, _StageOutput], shape: tuple[int
             best[win] = pc[win]
             arg[win] = c
     sub = np.zeros(roi_shape, dtype=np.uint8)
-    sub[pts] = plan.class_to_label()[arg]
+    sub[pts] = (plan.level_to_label() if lstage.task == "levels" else plan.class_to_label())[arg]
     lab[fine.box] = sub
     return lab
 

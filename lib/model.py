@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from lib.io import load_volume, write_text
-from lib.labels import VERSE_LABELS, ordered
+from lib.labels import VERSE_LABELS, level_index, ordered
 
 PLAN_VERSION = 1
 PROFILE_KINDS = ("synthetic", "paper")
@@ -226,10 +226,10 @@ class StagePlan:
 
     def n_classes(self, plan: Plan) -> int:
         """Output channels: 2 for ``foreground``; 1 + number of plan labels for ``labels``;
-        number of labels - 1 (ordinal thresholds) for ``levels``."""
+        rungs of :meth:`Plan.level_ladder` - 1 (ordinal thresholds) for ``levels``."""
         if self.task == "foreground":
             return 2
-        return 1 + len(plan.labels) if self.task == "labels" else max(len(plan.labels) - 1, 1)
+        return 1 + len(plan.labels) if self.task == "labels" else max(len(plan.level_ladder()) - 1, 1)
 
 
 @dataclass
@@ -277,6 +277,23 @@ class Plan:
     def class_to_label(self) -> np.ndarray:
         """Lookup array: output channel index -> label value (uint8), channel 0 -> 0."""
         return np.array([0, *self.labels], dtype=np.uint8)
+
+    def level_ladder(self) -> list[int]:
+        """The labels a ``levels`` stage counts, craniocaudally: the plan's labels on whole
+        levels (:func:`lib.labels.level_index`), i.e. without T13.
+
+        A count from the top cannot name T13: in a normal spine L1 follows T12 one level down,
+        in a T13 spine two. With T13 on the ladder, a normal spine's L1 had to jump two rungs
+        and a small network, smoothing, called it T13 and shifted every vertebra below (the
+        -1 dislocation seen on every abdominal scan). Off the ladder, T13 voxels are trained as
+        their nearest neighbour's level and a T13 spine comes out like a normal one with one
+        extra vertebra -- a variant the model misses, as nnU-Net misses it.
+        """
+        return [v for v in self.labels if float(level_index(v)).is_integer()]
+
+    def level_to_label(self) -> np.ndarray:
+        """Lookup array: ``levels`` class index (1 = the ladder's first rung) -> label value."""
+        return np.array([0, *self.level_ladder()], dtype=np.uint8)
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
@@ -631,17 +648,17 @@ def plan_experiment(source: dict[str, Any] | Iterable[Sequence[str]], profile_ki
         fg90 = np.minimum(fg90, p90)
         loc_sp = round(float(max(2.0 * max(spacing), (np.prod(p90) / locate_voxels) ** (1 / 3))), 3)
         stages.append(_whole_stage("locate", "foreground", loc_sp, p90, bf, 2 * bf, deep_supervision,
-                                   max_pools=3, foreground_oversample=0.0, budget_share=0.06))
+                                   max_pools=3, foreground_oversample=0.0, budget_share=0.05))
         c_sp = float(coarse_spacing_mm)
         stages.append(_whole_stage("coarse", coarse_task, c_sp, fg90 + 2 * roi_margin_mm, bf, 2 * mf,
                                    deep_supervision, foreground_oversample=0.0, roi_from="locate", z_coord=z_coord,
-                                   roi_margin_mm=roi_margin_mm, roi_jitter_mm=2.0 * loc_sp, budget_share=0.29))
+                                   roi_margin_mm=roi_margin_mm, roi_jitter_mm=2.0 * loc_sp, budget_share=0.5))
         budget = ref * (memory_fraction or 0.008)
         patch, strides, kernels, filters = plan_patch(med_shape, spacing, budget, bf, mf, 2, max_pools=4)
         stages.append(StagePlan("fine", "foreground", spacing, patch, 2, kernels, strides, filters,
                                 deep_supervision=min(deep_supervision, len(strides) - 2),
                                 foreground_oversample=0.5, roi_from="locate", roi_margin_mm=roi_margin_mm / 2,
-                                roi_jitter_mm=loc_sp, budget_share=0.65, soft_targets=soft_targets))
+                                roi_jitter_mm=loc_sp, budget_share=0.45, soft_targets=soft_targets))
         combine = "label_transfer"
     fp_summary = {k: v for k, v in fp.items() if k not in ("spacings_mm", "shapes")}
     plan = Plan(profile_kind=profile_kind, labels=labels, normalization=normalization, stages=stages,

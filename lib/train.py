@@ -71,7 +71,7 @@ from lib.model import (
     save_plan,
 )
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 MAX_FG_SAMPLES = 4000  # stored foreground coordinates per class and case
 
 
@@ -172,15 +172,22 @@ def pad_value(normalization: dict[str, Any]) -> float:
 
 
 def label_lookup(plan: Plan, task: str) -> np.ndarray:
-    """uint8 lookup (256 entries) from mask values to class indices; 255 marks unknown values."""
+    """uint8 lookup (256 entries) from mask values to class indices; 255 marks unknown values.
+    ``levels``: rungs of :meth:`lib.model.Plan.level_ladder` (0 for labels off the ladder)."""
     lut = np.full(256, 255, dtype=np.uint8)
     lut[0] = 0
+    ladder = plan.level_ladder() if task == "levels" else None
     for src in range(1, 256):
         v = plan.label_map.get(src, src)
         if v == 0:
             lut[src] = 0
         elif v in plan.labels:
-            lut[src] = 1 if task == "foreground" else plan.labels.index(v) + 1
+            if task == "foreground":
+                lut[src] = 1
+            elif ladder is not None:  # off the ladder (T13): filled from its neighbours by encode_levels
+                lut[src] = ladder.index(v) + 1 if v in ladder else 0
+            else:
+                lut[src] = plan.labels.index(v) + 1
     return lut
 
 
@@ -1207,7 +1214,7 @@ def train(cases: Sequence[Sequence[str]], out_dir: str | Path, plan: Plan | None
                     print(f"{ckpt_path}: checkpoint of another configuration, starting {sname} over")
             resumed[sname] = start_epoch
             loss_fn = _make_loss("soft" if st.soft_targets else st.task)
-            n_classes = 1 + len(plan.labels) if st.task == "levels" else st.n_classes(plan)
+            n_classes = 1 + len(plan.level_ladder()) if st.task == "levels" else st.n_classes(plan)
             stop_reason = "epochs"
             epoch = start_epoch
             bar = tqdm(total=stage_epochs, initial=start_epoch, desc=f"train {sname}", disable=not progress or rank != 0,
