@@ -401,10 +401,13 @@ def lowz_sweep(model_dir: Path, cases: Sequence[TestCase], z_list: Sequence[floa
             for z in z_list for c in cases]
     res = map_cases(run_lowz_job, jobs, ids=[f"{model_name}/{j.set_name}/{j.case_id}/z{j.z_mm:g}" for j in jobs],
                     workers=workers, on_error="collect", desc=f"low-z {model_name}")
-    df = pd.DataFrame(list(res.values.values()))
-    df.insert(0, "model", model_name)
     if res.failures:
         print(f"low-z sweep: {len(res.failures)} failed: " + "; ".join(str(f) for f in res.failures[:5]))
+    if not res.values:
+        raise RuntimeError(f"low-z sweep of {model_name} ({model_dir}): all {len(jobs)} predictions failed; first: "
+                           + (str(res.failures[0]) if res.failures else "no cases"))
+    df = pd.DataFrame(list(res.values.values()))
+    df.insert(0, "model", model_name)
     return df
 
 

@@ -56,7 +56,7 @@ import numpy as np
 from lib.io import load_volume, write_text
 from lib.labels import VERSE_LABELS, level_index, ordered
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: "levels" stages count Plan.level_ladder() (T13 off the ladder)
 PROFILE_KINDS = ("synthetic", "paper")
 TASKS = ("labels", "levels", "foreground")
 COMBINES = ("single", "label_transfer")

@@ -9,6 +9,9 @@
 * skips a stage whose notebook, params and upstream stages are unchanged since its last
   successful run (a fingerprint chained through the stages, so touching one params file re-runs
   that stage and every stage after it); ``--force`` re-runs;
+* a stage that re-runs with changed inputs (or forced) starts from an empty folder -- its previous
+  outputs go to ``runs/<profile>/.previous/`` -- while a stage whose run was interrupted or
+  failed with the same inputs resumes from what it had written (ledgers, checkpoints);
 * stops at the first failing stage and prints the papermill error and the cell that failed;
 * prints progress per stage and the total wall time, keeps ``runs/<profile>/pipeline.json`` and
   writes the run report ``runs/<profile>/report.html`` (:mod:`lib.report`).
@@ -59,6 +62,34 @@ def select_stages(stages: list[Stage], spec: str | None) -> list[Stage]:
         elif part:
             wanted.add(f"{int(part):02d}")
     return [s for s in stages if s.name[:2] in wanted]
+
+
+PREVIOUS = ".previous"
+"""``runs/<profile>/.previous/NN_stage/``: the outputs of a stage's last run, set aside when it
+re-runs with other inputs or is forced (kept until its next re-run)."""
+
+KEEP_ON_RERUN = ("cache",)
+"""Stage sub-folders that survive a re-run: content-addressed caches (keys hash their inputs)."""
+
+
+def set_aside(out_dir: Path, dest: Path) -> Path | None:
+    """Move a stage folder's outputs (all but :data:`KEEP_ON_RERUN` and the stamp) to ``dest``.
+
+    Stages resume from what their folder holds (ledgers, checkpoints, predictions); after their
+    inputs changed, that would mix a new run with stale results. Returns ``dest`` when anything
+    was moved.
+    """
+    import shutil
+
+    items = [p for p in out_dir.iterdir() if p.name not in KEEP_ON_RERUN and p.name != STAMP] if out_dir.is_dir() else []
+    if not items:
+        return None
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for p in items:
+        p.rename(dest / p.name)
+    return dest
 
 
 def fingerprint(stage: Stage, upstream: str) -> str:
@@ -125,6 +156,14 @@ def run(profile: str = "synthetic", force: bool = False, stages_spec: str | None
             log(f"{head}: up to date, skipped (ran {prev.get('finished', '?')}, {prev.get('seconds', 0):.0f} s)")
             status[st.name] = "skipped"
             continue
+        resume = prev.get("fingerprint") == fp and prev.get("status") in ("running", "failed")
+        if prev and not resume:
+            kept = set_aside(out_dir, paths.runs / PREVIOUS / out_dir.name)
+            if kept:
+                log(f"{head}: outputs of its previous run moved to {kept} (stale: "
+                    f"{'forced re-run' if prev.get('fingerprint') == fp else 'inputs changed'})")
+        elif resume:
+            log(f"{head}: resuming its interrupted run (same notebook, params and inputs)")
         log(f"{head}: running with params/{profile}/{st.params_file.name} ...")
         write_text(stamp, json.dumps({"fingerprint": fp, "status": "running"}) + "\n")
         t0 = time.perf_counter()

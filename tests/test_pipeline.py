@@ -69,3 +69,36 @@ def test_params_typo_stops_before_anything_runs(project):
     with pytest.raises(ParamsError, match="'valu'.*'value'"):
         _run(root)
     assert not (out / "00_first.txt").exists()
+
+
+def test_rerun_with_new_inputs_starts_clean_but_an_interrupted_run_resumes(project, tmp_path):
+    root, _ = project
+    # a stage that resumes from what its folder holds: it counts the runs it finds there
+    body = ("import os, pathlib\n"
+            "d = pathlib.Path(os.environ['SPINE1K_RUNS']) / 'ci' / '01_second'\n"
+            "f = d / 'done.txt'\n"
+            "f.write_text(f.read_text() + 'x' if f.exists() else 'x')\n"
+            "(d / 'cache').mkdir(exist_ok=True)\n"
+            "(d / 'cache' / 'c.txt').write_text('cached')\n"
+            "assert value >= 0, 'value must be non-negative'\n")
+    _nb(root / "notebooks" / "01_second.ipynb", 'profile: str = "synthetic"  # profile\nvalue: int = 1  # a number\n', body)
+    stage = tmp_path / "runs" / "ci" / "01_second"
+    assert _run(root)["01_second"] == "ran"
+    assert (stage / "done.txt").read_text() == "x"
+    (root / "params" / "ci" / "01_second.yaml").write_text("profile: ci\nvalue: 5\n")
+    assert _run(root)["01_second"] == "ran"
+    assert (stage / "done.txt").read_text() == "x"  # new inputs: a clean folder, not a resumed one
+    assert (tmp_path / "runs" / "ci" / ".previous" / "01_second" / "done.txt").exists()
+    assert (stage / "cache" / "c.txt").exists()  # content-keyed caches survive
+    # a failed run resumes with the same inputs (what it wrote is kept)
+    (root / "params" / "ci" / "01_second.yaml").write_text("profile: ci\nvalue: -1\n")
+    with pytest.raises(pipeline.StageFailed):
+        _run(root)
+    assert (stage / "done.txt").read_text() == "x"  # fresh folder, one attempt
+    with pytest.raises(pipeline.StageFailed):
+        _run(root)
+    assert (stage / "done.txt").read_text() == "xx"  # same inputs: resumed
+    assert _run(root, force=False, stages_spec="00") == {"00_first": "skipped"}
+    (root / "params" / "ci" / "01_second.yaml").write_text("profile: ci\nvalue: 5\n")
+    assert _run(root, force=True)["01_second"] == "ran"
+    assert (stage / "done.txt").read_text() == "x"  # forced: clean again
