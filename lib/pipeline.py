@@ -156,7 +156,7 @@ def run(profile: str = "synthetic", force: bool = False, stages_spec: str | None
             log(f"{head}: up to date, skipped (ran {prev.get('finished', '?')}, {prev.get('seconds', 0):.0f} s)")
             status[st.name] = "skipped"
             continue
-        resume = prev.get("fingerprint") == fp and prev.get("status") in ("running", "failed")
+        resume = not force and prev.get("fingerprint") == fp and prev.get("status") in ("running", "failed")
         if prev and not resume:
             kept = set_aside(out_dir, paths.runs / PREVIOUS / out_dir.name)
             if kept:

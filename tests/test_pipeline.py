@@ -98,6 +98,9 @@ def test_rerun_with_new_inputs_starts_clean_but_an_interrupted_run_resumes(proje
     with pytest.raises(pipeline.StageFailed):
         _run(root)
     assert (stage / "done.txt").read_text() == "xx"  # same inputs: resumed
+    with pytest.raises(pipeline.StageFailed):
+        _run(root, force=True)
+    assert (stage / "done.txt").read_text() == "x"  # forced: never resumed
     assert _run(root, force=False, stages_spec="00") == {"00_first": "skipped"}
     (root / "params" / "ci" / "01_second.yaml").write_text("profile: ci\nvalue: 5\n")
     assert _run(root, force=True)["01_second"] == "ran"
