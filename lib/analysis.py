@@ -190,16 +190,21 @@ def detect_ribs(ct: np.ndarray, pred: np.ndarray, affine: np.ndarray, instances:
 
 def detect_skull(ct: np.ndarray, pred: np.ndarray, affine: np.ndarray, top: Instance,
                  bone_hu: float = 250.0, height_mm: float = 30.0, half_width_mm: float = 30.0,
-                 min_ml: float = 2.0) -> bool:
+                 min_ml: float = 10.0, min_view_mm: float = 10.0) -> bool:
     """Whether skull-base bone (outside the predicted spine) lies within ``height_mm`` above the
-    top instance, centred on it (``half_width_mm`` laterally and antero-posteriorly)."""
+    top instance, centred on it (``half_width_mm`` laterally and antero-posteriorly).
+
+    The skull base is a large bone mass (synthetic profile: 17-42 ml in that box when C1 is
+    the top instance, against <= 5 ml of cut vertebrae and ribs at the top of chest and abdomen
+    scans), and it cannot be claimed where the image ends: at least ``min_view_mm`` of image
+    must lie above the top instance (a scan cut there shows no skull, whatever bone it has)."""
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     inv = np.linalg.inv(affine)
     vox = np.array(np.unravel_index(top.index, pred.shape))
     c = (inv @ np.r_[top.centroid, 1.0])[:3]
     z0 = int(vox[2].max()) + 1
     z1 = min(ct.shape[2], z0 + int(np.ceil(height_mm / spacing[2])))
-    if z1 <= z0:
+    if (z1 - z0) * spacing[2] < min_view_mm:
         return False
     xs = slice(max(0, int(c[0] - half_width_mm / spacing[0])), int(c[0] + half_width_mm / spacing[0]) + 1)
     ys = slice(max(0, int(c[1] - half_width_mm / spacing[1])), int(c[1] + half_width_mm / spacing[1]) + 1)

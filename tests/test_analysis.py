@@ -92,3 +92,20 @@ def test_thick_slices_average_exactly_and_keep_world_geometry():
     # finer than native: interpolated, same extent
     fine, fa = A.simulate_thick_slices(ct, aff, 0.75)
     assert fine.shape[2] == 24 and fa[2, 2] == pytest.approx(0.75)
+
+
+def test_skull_needs_a_large_bone_mass_in_view_above_the_top_vertebra():
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    pred = np.zeros((40, 40, 60), np.uint8)
+    pred[15:25, 15:25, 20:30] = 1  # the top vertebra
+    top = A.vertebra_instances(pred, aff)[0]
+    ct = np.zeros(pred.shape, np.float32)
+    ct[5:35, 5:35, 31:45] = 800.0  # skull base: 30 x 30 x 14 voxels of bone = 100 ml
+    assert A.detect_skull(ct, pred, aff, top)
+    small = np.zeros_like(ct)
+    small[18:22, 18:22, 31:35] = 800.0  # 64 voxels = 0.5 ml: a cut vertebra or a rib, not a skull
+    assert not A.detect_skull(small, pred, aff, top)
+    # the image ends 6 mm above the vertebra: 14 ml of bone in view, but no skull can be claimed
+    cut = np.ascontiguousarray(pred[:, :, :33])
+    assert (ct[:, :, 30:33] > 250).sum() * 8 / 1000 > 10
+    assert not A.detect_skull(ct[:, :, :33], cut, aff, A.vertebra_instances(cut, aff)[0])
