@@ -123,7 +123,7 @@ def plot(out_root: Path, png: Path, extra: Path | None = None) -> None:
     ax.set_yticks(y, [f"{c} ({n} train, {t:.0f} s)" for c, n, t in zip(df.config, df.n_train, df.train_s, strict=True)],
                   fontsize=7)
     ax.set_xlim(0, 1)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
     ax.set_title("Synthetic pretraining: held-out complete VerSe scans (dashed: issue 6 targets)", fontsize=8)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
