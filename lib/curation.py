@@ -1975,6 +1975,8 @@ def plot_quality(records: Mapping[str, dict], q: QualityThresholds, path: str | 
     coloured by source, thresholds drawn, failures marked. Saved as PNG (atomic)."""
     import matplotlib.pyplot as plt
 
+    from lib.viz import save_figure
+
     recs = [r for r in records.values() if r.get("status") == "converted"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     colours = dict(zip(SOURCES, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=True))
@@ -2005,9 +2007,7 @@ def plot_quality(records: Mapping[str, dict], q: QualityThresholds, path: str | 
     fig.suptitle("Measured quality criteria per converted series (x = fails a criterion; dashed = thresholds)")
     fig.tight_layout()
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -2016,6 +2016,8 @@ def plot_release_previews(release_dir: str | Path, path: str | Path,
     """Mid-sagittal slice (bone window) of the first case of each source in the release, in
     mm aspect. Saved as PNG (atomic)."""
     import matplotlib.pyplot as plt
+
+    from lib.viz import save_figure
 
     rd = Path(release_dir)
     picks = {}
@@ -2035,9 +2037,7 @@ def plot_release_previews(release_dir: str | Path, path: str | Path,
     fig.suptitle("Release images: mid-sagittal, bone window")
     fig.tight_layout()
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path
 
 

@@ -993,10 +993,10 @@ def plot_training_curves(log_csv: str | Path, out_png: str | Path, title: str | 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    from lib.viz import save_figure
+
     out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, out_png)
     return out_png
 
 
