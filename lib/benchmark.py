@@ -219,12 +219,14 @@ def plot_gallery(scores: pd.DataFrame, cases: Sequence[TestCase], stage_dir: Pat
 # ----------------------------------------------------------------------------- 05: label shift
 
 
-def label_shift_cases(cases: Sequence[TestCase], stage04: Path, out_dir: Path, variant_of) -> pd.DataFrame:
+def label_shift_cases(cases: Sequence[TestCase], stage04: Path, out_dir: Path, variant_of,
+                      anchors: str = "both") -> pd.DataFrame:
     """Dislocation detector and correction on every test case.
 
     For each case: the label-shift table of the prediction (``lib.analysis``), whether it is
     dislocated, the truth's variant (``variant_of(truth)``), and our correction; the corrected
-    mask is saved under ``out_dir/corrected/<set>/``.
+    mask is saved under ``out_dir/corrected/<set>/``; ``anchors``: see
+    :func:`lib.analysis.correct_label_shift`.
 
     Returns:
         One row per case: dislocated, offset, run length, shifted labels, variant, whether the
@@ -241,7 +243,7 @@ def label_shift_cases(cases: Sequence[TestCase], stage04: Path, out_dir: Path, v
         pred = np.asarray(pv.array, dtype=np.uint8)
         tab = analysis.label_shift_table(gt, pred, img.affine)
         d = analysis.dislocation(tab)
-        fixed, info = analysis.correct_label_shift(np.asarray(img.array), pred, img.affine)
+        fixed, info = analysis.correct_label_shift(np.asarray(img.array), pred, img.affine, anchors=anchors)
         save_like(fixed, pv, prediction_path(out_dir, c, "corrected"), dtype=np.uint8)
         after = analysis.dislocation(analysis.label_shift_table(gt, fixed, img.affine))
         rows.append({"set": c.set_name, "case_id": c.case_id, "variant": variant_of(gt) or "normal",

@@ -55,7 +55,9 @@ def test_correction_restores_labels_from_the_last_rib(fixture, request):
     case = request.getfixturevalue(fixture)
     shifted = _shift_from_sacrum(case.mask)
     assert mean_vertebra_dice(case.mask, shifted) < 0.1
-    fixed, info = A.correct_label_shift(case.ct, shifted, case.affine)
+    kept, info = A.correct_label_shift(case.ct, shifted, case.affine)  # default: two landmarks needed
+    assert not info.applied and "one landmark" in info.anchor and np.array_equal(kept, shifted)
+    fixed, info = A.correct_label_shift(case.ct, shifted, case.affine, anchors="any")
     assert info.applied and info.anchor == "last rib (T12)"
     assert mean_vertebra_dice(case.mask, fixed) == pytest.approx(1.0)
     assert np.array_equal(fixed > 0, shifted > 0)  # geometry untouched, only labels change
@@ -63,8 +65,9 @@ def test_correction_restores_labels_from_the_last_rib(fixture, request):
 
 def test_correction_leaves_a_correct_prediction_alone(l6_case, missing_l5_case):
     for case in (l6_case, missing_l5_case):
-        out, info = A.correct_label_shift(case.ct, case.mask, case.affine)
-        assert not info.applied and np.array_equal(out, case.mask)
+        for anchors in A.ANCHOR_POLICIES:
+            out, info = A.correct_label_shift(case.ct, case.mask, case.affine, anchors=anchors)
+            assert not info.applied and np.array_equal(out, case.mask)
 
 
 def test_rib_detection_marks_thoracic_instances_only(l6_case):
@@ -109,3 +112,15 @@ def test_skull_needs_a_large_bone_mass_in_view_above_the_top_vertebra():
     cut = np.ascontiguousarray(pred[:, :, :33])
     assert (ct[:, :, 30:33] > 250).sum() * 8 / 1000 > 10
     assert not A.detect_skull(ct[:, :, :33], cut, aff, A.vertebra_instances(cut, aff)[0])
+
+
+def test_default_correction_needs_skull_and_ribs_to_agree():
+    case = phantom.generate_case(phantom.CaseSpec(seed=4, fov="whole", spacing_mm=(2.0, 2.0, 2.0),
+                                                  center_on_spine=True, fov_xy_mm=240.0))
+    shifted = _shift_from_sacrum(case.mask, by=+1)  # C1 called C2 ... L5 called L6
+    assert mean_vertebra_dice(case.mask, shifted) < 0.1
+    fixed, info = A.correct_label_shift(case.ct, shifted, case.affine)
+    assert info.applied and info.anchor.startswith("C1 + last rib"), info.anchor
+    assert mean_vertebra_dice(case.mask, fixed) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="anchors"):
+        A.correct_label_shift(case.ct, shifted, case.affine, anchors="one")
