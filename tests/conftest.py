@@ -23,3 +23,14 @@ def isolated_roots(tmp_path, monkeypatch):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one CPU thread for the test (restored after): small networks, stable timings."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

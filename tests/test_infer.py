@@ -12,13 +12,7 @@ from lib import infer, model, train
 from lib.io import load_volume, save_volume
 from tests.test_model import make_toy_case, toy_cases
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

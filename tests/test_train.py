@@ -20,13 +20,7 @@ from lib.io import load_volume
 from lib.paths import REPO_ROOT
 from tests.test_model import make_toy_case, toy_cases
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_plan(cases, **kw):
@@ -268,10 +262,19 @@ def test_time_budget_stops_training(tmp_path):
 
 
 _KILL_SCRIPT = """
-import sys, torch
+import os, signal, sys, torch
 torch.set_num_threads(1)
-from lib.train import run_job
-run_job(sys.argv[1])
+from lib import train
+k = int(sys.argv[2])
+batch = train.PatchSampler.batch
+def batch_then_die(self, epoch, iteration, *a, **kw):
+    # SIGKILL in the middle of epoch k (0-based epoch k - 1) of the coarse stage: its checkpoint
+    # of epoch k - 1 is on disk, one batch of epoch k has been trained, and nothing else is flushed
+    if self.stage.name == "coarse" and epoch == k - 1 and iteration == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return batch(self, epoch, iteration, *a, **kw)
+train.PatchSampler.batch = batch_then_die
+train.run_job(sys.argv[1])
 """
 
 
@@ -282,26 +285,11 @@ def test_kill_during_epoch_and_resume_equals_uninterrupted(tmp_path):
     ref = train.train(cases, tmp_path / "ref", plan, **kw)
     job = train.write_job(tmp_path / "job.json", cases, tmp_path / "run", plan, **kw)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(job)], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    k = 3  # kill during epoch 3 of the coarse stage: once the checkpoint of epoch 2 exists
+    k = 3  # killed during epoch 3 of the coarse stage, once the checkpoint of epoch 2 exists
+    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(job), str(k)], cwd=REPO_ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
     ckpt = tmp_path / "run" / "stage_coarse" / "checkpoint.pt"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline:
-            if ckpt.exists():
-                epoch = torch.load(ckpt, weights_only=False)["epoch"]  # renamed into place: complete
-                if epoch >= k - 1:
-                    proc.send_signal(signal.SIGKILL)
-                    break
-            if proc.poll() is not None:
-                pytest.fail(f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.02)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     killed_at = torch.load(ckpt, weights_only=False)["epoch"]
     assert killed_at == k - 1, f"killed after epoch {killed_at}, wanted during epoch {k}"
     assert not (tmp_path / "run" / "model.pt").exists()
