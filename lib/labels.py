@@ -72,6 +72,7 @@ CERVICAL = tuple(v for v, lab in LABELS.items() if lab.region == "cervical")
 THORACIC = tuple(v for v in range(8, 20))  # T1..T12 (T13 separately: 28)
 LUMBAR = tuple(range(20, 26))
 L5, L6, T12, T13 = 24, 25, 19, 28
+C1, C2 = 1, 2
 
 
 def name(value: int) -> str:

@@ -124,3 +124,58 @@ def test_default_correction_needs_skull_and_ribs_to_agree():
     assert mean_vertebra_dice(case.mask, fixed) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="anchors"):
         A.correct_label_shift(case.ct, shifted, case.affine, anchors="one")
+
+
+def _merge(mask: np.ndarray, upper: int, lower: int) -> np.ndarray:
+    """What a network that fits six lumbar bodies into five labels does: ``lower`` called
+    ``upper``, every vertebra below it one level high."""
+    out = mask.copy()
+    out[mask == lower] = upper
+    for v in np.unique(mask):
+        if v and level_index(v) > level_index(lower):
+            out[mask == v] = label_at_level(level_index(v) - 1)
+    return out
+
+
+@pytest.mark.parametrize("upper, lower", [(24, 25), (22, 23)], ids=["L5+L6", "L3+L4"])
+def test_merged_vertebrae_are_split_and_the_labels_below_move_down(l6_case, upper, lower):
+    m = l6_case.mask
+    merged = _merge(m, upper, lower)
+    assert 25 not in np.unique(merged)  # no L6 left: the paper's failure
+    insts = A.vertebra_instances(merged, l6_case.affine)
+    parts, notes = A.split_merged_instances(merged, l6_case.affine, insts)
+    assert len(parts) == len(insts) + 1 and len(notes) == 1 and notes[0].startswith(A.L.name(upper))
+    fixed, info = A.correct_label_shift(l6_case.ct, merged, l6_case.affine)
+    assert info.applied and info.anchor.startswith("merged vertebra split"), info.anchor
+    assert info.labels_after[-1] == "L6"
+    assert np.array_equal(fixed > 0, merged > 0)  # voxels keep their place, labels change
+    for v in (upper, lower, 25):  # the cut follows the disc (a posterior arch may go to the wrong side)
+        a, b = m == v, fixed == v
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.8, A.L.name(v)
+    assert mean_vertebra_dice(m, fixed) > max(0.9, mean_vertebra_dice(m, merged) + 0.05)
+    kept, info = A.correct_label_shift(l6_case.ct, merged, l6_case.affine, split_merged=False)
+    assert not info.applied or not info.anchor.startswith("merged")
+
+
+def test_split_needs_two_whole_vertebrae_and_a_mostly_consecutive_prediction(l6_case):
+    m = l6_case.mask
+    insts = A.vertebra_instances(m, l6_case.affine)
+    assert A.split_merged_instances(m, l6_case.affine, insts)[1] == []  # true L5 and L6 stay whole
+    # L5 grown by half of L6 only: too big, but the lower part would not be a whole vertebra
+    grown = m.copy()
+    l6 = np.argwhere(m == 25)
+    top_half = l6[l6[:, 2] >= np.median(l6[:, 2])]
+    grown[tuple(top_half.T)] = 24
+    grown[m == 25] = np.where(grown[m == 25] == 24, 24, 0)
+    parts, notes = A.split_merged_instances(grown, l6_case.affine, A.vertebra_instances(grown, l6_case.affine))
+    assert notes == []
+    # a merge inside a scrambled prediction: most labels would change, so nothing is applied
+    merged = _merge(m, 24, 25)
+    rng = np.random.default_rng(0)
+    present = [v for v in np.unique(merged) if v and v != 24]
+    lut = np.arange(256, dtype=np.uint8)
+    lut[present] = rng.permutation(present)
+    scrambled = lut[merged]
+    assert A.split_merged_instances(scrambled, l6_case.affine, A.vertebra_instances(scrambled, l6_case.affine))[1]
+    out, info = A.correct_label_shift(l6_case.ct, scrambled, l6_case.affine)
+    assert not info.anchor.startswith("merged vertebra split")
