@@ -5,10 +5,12 @@ Label shift
     most and gives the offset in levels; a case is *dislocated* when two or more consecutive
     predicted vertebrae are off by the same non-zero offset (:func:`dislocation`).
     :func:`correct_label_shift` is our post-processor: it splits the prediction into vertebra
-    instances, orders them along the spine, and relabels them consecutively, anchoring the count
-    at a landmark the image shows — the last rib-bearing vertebra (T12) where the
-    thoracolumbar junction is in view — instead of trusting a count that a network may have
-    made from the sacrum (wrong whenever there is an L6 or no L5).
+    instances and orders them along the spine; an instance holding two vertebrae under one
+    label (:func:`split_merged_instances`: L5 + L6 called "L5") is cut at the disc and all are
+    relabelled consecutively (:func:`consecutive_labels`); otherwise the count is anchored at
+    landmarks the image shows — the skull base and the last rib-bearing vertebra (T12) —
+    instead of trusting a count that a network may have made from the sacrum (wrong
+    whenever there is an L6 or no L5).
 
 Low z-resolution
     :func:`simulate_thick_slices` resamples a CT to a coarser z spacing by averaging slabs of

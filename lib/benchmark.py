@@ -57,6 +57,26 @@ def release_test_cases(paths, splits: Sequence[str] = ("test_public", "test_priv
     return out
 
 
+def pick_per_source(cases: Sequence[TestCase], per_split: int, source_of) -> list[TestCase]:
+    """At most ``per_split`` cases of each set, taken in turn from each source (sorted by name,
+    cases in their listed order), so that a small sweep still holds every source (the first
+    cases of a split are all one source when IDs sort by source). ``per_split`` 0: all."""
+    if not per_split:
+        return list(cases)
+    out = []
+    for set_name in dict.fromkeys(c.set_name for c in cases):
+        queues: dict[str, list[TestCase]] = {}
+        for c in (c for c in cases if c.set_name == set_name):
+            queues.setdefault(source_of(c.case_id), []).append(c)
+        picked, order = [], sorted(queues)
+        while len(picked) < per_split and any(queues.values()):
+            for src in order:
+                if queues[src] and len(picked) < per_split:
+                    picked.append(queues[src].pop(0))
+        out.extend(c for c in cases if c in picked)
+    return out
+
+
 def trainset_triples(paths) -> list[tuple[str, str, str]]:
     """``(case_id, image, mask)`` of every trainset case; a missing mask is an error."""
     triples, missing = [], []
