@@ -322,7 +322,9 @@ def label_before_after(before: pd.DataFrame, after: pd.DataFrame, name: str) -> 
 
 def plot_shift_cases(shift: pd.DataFrame, cases: Sequence[TestCase], stage04: Path, stage05: Path, path: Path,
                      max_cases: int = 6) -> Path | None:
-    """Sagittal views of dislocated cases: truth, prediction, corrected, labels written on."""
+    """Sagittal views of dislocated and variant cases: truth, prediction, corrected, labels
+    written on. The cases the correction changed come first (L6 cases before the others), then
+    the remaining dislocated cases, in table order."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -331,7 +333,9 @@ def plot_shift_cases(shift: pd.DataFrame, cases: Sequence[TestCase], stage04: Pa
 
     from lib.metrics import centroids_mm
 
-    sel = shift[shift["dislocated"]].head(max_cases)
+    rank = np.where(shift["correction_applied"], np.where(shift["variant"] == "L6", 0, 1),
+                    np.where(shift["dislocated"], 2, 3))
+    sel = shift.assign(_rank=rank)[rank < 3].sort_values("_rank", kind="stable").head(max_cases)
     if sel.empty:
         return None
     by_key = {(c.set_name, c.case_id): c for c in cases}
@@ -358,8 +362,12 @@ def plot_shift_cases(shift: pd.DataFrame, cases: Sequence[TestCase], stage04: Pa
                         color="yellow", fontsize=6, ha="center", va="center")
             title = f"{c.case_id} ({row['variant']})\n{what}" if col == 0 else what
             if col == 1:
-                title += f" — offset {row['offset']:+.0f} over {row['run_length']}"
-            ax.set_title(title, fontsize=8)
+                title += (f" — offset {row['offset']:+.0f} over {row['run_length']}" if row["dislocated"]
+                          else " — not dislocated")
+            if col == 2:
+                title += f": {row['anchor']}" if row["correction_applied"] else ": unchanged"
+                title = title.replace(": merged vertebra split: ", ", merged vertebra: ")
+            ax.set_title(title, fontsize=7)
             ax.axis("off")
     fig.tight_layout()
     return _save(fig, path)
