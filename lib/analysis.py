@@ -310,7 +310,10 @@ def split_merged_instances(pred: np.ndarray, affine: np.ndarray, instances: list
         z = vox[2] - vox[2].min()
         area = ndimage.uniform_filter1d(np.bincount(z).astype(float), 3)
         n = len(area)
-        lo, hi = n // 4, (3 * n) // 4 + 1
+        lo, hi = max(n // 4, 1), min((3 * n) // 4 + 1, n - 1)
+        if hi <= lo:  # too few slices to hold two vertebrae and a disc between them
+            out.append(inst)
+            continue
         v = lo + int(np.argmin(area[lo:hi]))
         if area[v] > valley * min(area[:v].max(), area[v + 1:].max()):
             out.append(inst)

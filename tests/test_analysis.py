@@ -179,3 +179,16 @@ def test_split_needs_two_whole_vertebrae_and_a_mostly_consecutive_prediction(l6_
     assert A.split_merged_instances(scrambled, l6_case.affine, A.vertebra_instances(scrambled, l6_case.affine))[1]
     out, info = A.correct_label_shift(l6_case.ct, scrambled, l6_case.affine)
     assert not info.anchor.startswith("merged vertebra split")
+
+
+def test_split_ignores_an_instance_too_thin_to_hold_a_disc():
+    aff = np.diag([2.0, 2.0, 4.5, 1.0])  # thick slices: vertebrae one or two slices tall
+    pred = np.zeros((30, 30, 12), np.uint8)
+    pred[10:20, 10:20, 1] = 20
+    pred[10:20, 10:20, 3] = 21
+    pred[5:25, 5:25, 5:7] = 22  # 8x the volume, two slices: no room for a valley
+    pred[10:20, 10:20, 8] = 23
+    pred[10:20, 10:20, 10] = 24
+    insts = A.vertebra_instances(pred, aff)
+    parts, notes = A.split_merged_instances(pred, aff, insts)
+    assert notes == [] and len(parts) == len(insts) == 5
