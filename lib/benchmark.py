@@ -366,7 +366,6 @@ def plot_shift_cases(shift: pd.DataFrame, cases: Sequence[TestCase], stage04: Pa
                           else " — not dislocated")
             if col == 2:
                 title += f": {row['anchor']}" if row["correction_applied"] else ": unchanged"
-                title = title.replace(": merged vertebra split: ", ", merged vertebra: ")
             ax.set_title(title, fontsize=7)
             ax.axis("off")
     fig.tight_layout()

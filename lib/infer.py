@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from lib.analysis import split_at_necks
 from lib.io import load_volume, save_like, strip_nifti_suffix
 from lib.model import Plan, StagePlan, build_network
 from lib.train import (
@@ -358,47 +359,6 @@ def postprocess_labels(labels: np.ndarray, spacing: Sequence[float], largest_com
 
 
 # --------------------------------------------------------------------------- whole volumes
-
-
-def split_at_necks(labels: np.ndarray, spacing: Sequence[float], core_fraction: float = 0.5) -> np.ndarray:
-    """Move label boundaries to the thin parts of the spine mask (a marker watershed).
-
-    Adjacent vertebrae touch only through facet joints and, in a soft segmentation, across
-    the disc rim: narrow necks of the spine mask. A coarse labelling stage puts the boundary
-    between two labels within a voxel or two of its own grid instead. Each label's core (the
-    voxels whose distance to the background is at least ``core_fraction`` of that label's
-    largest) seeds a watershed of the negated distance map inside the unchanged spine mask,
-    so every boundary settles on the neck nearest to where the coarse stage drew it.
-
-    Args:
-        labels: uint8 label map (0 = background).
-        spacing: voxel size (mm).
-        core_fraction: how deep inside its label a voxel must be to seed it (0..1).
-
-    Returns:
-        A relabelled copy; ``labels > 0`` is unchanged, and so is the set of label values.
-    """
-    from skimage.segmentation import watershed
-
-    fg = labels > 0
-    if not fg.any():
-        return labels.copy()
-    idx = np.nonzero(fg)
-    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in idx)
-    sub, fsub = labels[box], fg[box]
-    # spacing rounded: float32 headers of the same scan stored another way (LPS, oblique) must
-    # give the same distances, or the watershed breaks its ties differently
-    edt = ndimage.distance_transform_edt(fsub, sampling=[round(float(s), 4) for s in spacing]).astype(np.float32)
-    markers = np.zeros(sub.shape, dtype=np.int32)
-    for v, sl in enumerate(ndimage.find_objects(sub.astype(np.int32)), start=1):
-        if sl is None:
-            continue
-        here = sub[sl] == v
-        depth = np.where(here, edt[sl], 0.0)
-        markers[sl][here & (depth >= core_fraction * float(depth.max()))] = v
-    out = labels.copy()
-    out[box] = watershed(-edt, markers, mask=fsub).astype(np.uint8)
-    return out
 
 
 def _spine_bbox(fg: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
