@@ -35,10 +35,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib import labels as L  # noqa: E402
+from lib.core import labels as L  # noqa: E402
 from lib import model, train  # noqa: E402
 from lib.io import load_volume  # noqa: E402
-from lib.paths import REPO_ROOT  # noqa: E402
+from lib.core.paths import REPO_ROOT  # noqa: E402
 
 CONFIGS = {
     "final": {},

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from lib import dicom, io, sources
+from lib.io import dicom_read as dicom
+from lib import io, sources
 
 
 def _ct_like(shape, seed=0):

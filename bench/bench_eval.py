@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from lib import metrics  # noqa: E402
-from lib.labels import name  # noqa: E402
+from lib.core.labels import name  # noqa: E402
 
 SPACING = (0.76, 0.76, 1.1)
 SPINE = 0

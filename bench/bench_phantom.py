@@ -29,10 +29,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import paths  # noqa: E402
+from lib.core import paths  # noqa: E402
 from lib.io import write_text  # noqa: E402
 from lib.phantom import CaseSpec, generate_case, generate_scans, plan_grid  # noqa: E402
-from lib.sources import _save_nifti, write_dicom_series  # noqa: E402
+from lib.io import save_volume  # noqa: E402
+from lib.io.dicom_write import write_dicom_series  # noqa: E402
 
 
 def _time(fn, repeat: int = 1):
@@ -123,7 +124,7 @@ def bench_writers() -> dict:
                 pydicom.dcmwrite(str(out / f"{k}.dcm"), ds, enforce_file_format=True)
 
         t_naive, _ = _time(naive, repeat=3)
-        t_nii, _ = _time(lambda: _save_nifti(case.ct, case.affine, tmp / "a.nii.gz"), repeat=3)
+        t_nii, _ = _time(lambda: save_volume(case.ct, case.affine, tmp / "a.nii.gz"), repeat=3)
         t_nib, _ = _time(lambda: nib.save(nib.Nifti1Image(case.ct, case.affine), str(tmp / "b.nii.gz")), repeat=3)
     n = ct.shape[2]
     print(f"DICOM series ({n} slices {ct.shape[0]}x{ct.shape[1]}, best of 3): write_dicom_series {t_fast:.2f} s "

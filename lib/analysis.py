@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from lib import labels as L
-from lib.labels import level_index
+from lib.core import labels as L
+from lib.core.labels import level_index
 
 # ----------------------------------------------------------------------------- label shift
 

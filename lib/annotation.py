@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import shutil
 import sqlite3
@@ -53,9 +52,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lib import labels as L
+from lib.core import labels as L
 from lib.io import Volume, check_pair, load_volume, save_like, write_text
-from lib.labels import label_at_level, level_index
+from lib.metrics.overlap import mean_vertebra_dice
+from lib.core.labels import label_at_level, level_index
+from lib.core.seeding import stable_rng, stable_seed
 
 TIERS = ("junior", "senior_1", "senior_2", "expert", "double_check")
 MAX_MISSABLE_SHIFT = 1.0
@@ -230,27 +231,6 @@ class Ledger:
 # ----------------------------------------------------------------------------- mask arithmetic
 
 
-def dice_per_label(a: np.ndarray, b: np.ndarray, values: Iterable[int]) -> dict[int, float]:
-    """Dice per label over labels present in ``a`` or ``b`` (from one joint histogram)."""
-    k = 32
-    hist = np.bincount(a.astype(np.int64).ravel() * k + b.astype(np.int64).ravel(), minlength=k * k).reshape(k, k)
-    out = {}
-    for v in values:
-        na, nb, inter = hist[v].sum(), hist[:, v].sum(), hist[v, v]
-        if na + nb:
-            out[int(v)] = float(2 * inter / (na + nb))
-    return out
-
-
-def mean_vertebra_dice(truth: np.ndarray, mask: np.ndarray) -> float:
-    """Mean Dice over the vertebra labels present in ``truth`` (missing in ``mask`` -> 0)."""
-    present = [int(v) for v in np.unique(truth) if v]
-    if not present:
-        return float("nan")
-    d = dice_per_label(truth, mask, present)
-    return float(np.mean([d.get(v, 0.0) for v in present]))
-
-
 def correspondence(truth: np.ndarray, pred: np.ndarray) -> dict[int, int]:
     """For each truth vertebra, the predicted label covering most of it (0 = missed)."""
     k = 32
@@ -346,8 +326,7 @@ def tiers_from_params(spec: dict | None) -> dict[str, TierModel]:
 
 def case_rng(seed: int, case_id: str, round_: int) -> np.random.Generator:
     """A generator that depends only on (seed, case, round): re-runs give the same draws."""
-    h = hashlib.sha256(f"{seed}|{case_id}|{round_}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(h[:8], "little"))
+    return stable_rng(seed, case_id, round_, sep="|", nbytes=8, byteorder="little")
 
 
 @dataclass
@@ -644,7 +623,7 @@ def _annotate_case(ledger, case: Case, r, version, model_path, predict, truth_fo
     rows, prev, variant = [], pre, variant_of(final)
     for i, res in enumerate(results):
         t = _now()
-        rows.append(dict(case_id=case.case_id, round=r, tier=res.tier, actor=f"{res.tier}#{1 + (hash_int(case.case_id) + i) % 3}",
+        rows.append(dict(case_id=case.case_id, round=r, tier=res.tier, actor=f"{res.tier}#{1 + (stable_seed(case.case_id) + i) % 3}",
                          started_at=t, finished_at=t, minutes=res.minutes, voxels_changed=res.voxels_changed,
                          ml_changed=res.ml_changed, vertebrae_relabelled=res.relabelled,
                          dice_before=mean_vertebra_dice(truth, prev), dice_after=mean_vertebra_dice(truth, res.mask),
@@ -652,10 +631,6 @@ def _annotate_case(ledger, case: Case, r, version, model_path, predict, truth_fo
                          model_version=version, note=res.note))
         prev = res.mask
     ledger.record_case(case.case_id, r, rows, str(target), mean_vertebra_dice(final, pre))
-
-
-def hash_int(text: str) -> int:
-    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
 def rounds_table(ledger: Ledger) -> pd.DataFrame:
@@ -705,7 +680,7 @@ def dump_json(obj, path: Path) -> Path:
 def release_cases(paths) -> list[Case]:
     """Every image of the curated release as a :class:`Case` (split from its folder)."""
     from lib.io import strip_nifti_suffix
-    from lib.paths import SPLITS
+    from lib.core.paths import SPLITS
 
     cases = []
     for split in SPLITS:

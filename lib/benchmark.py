@@ -21,14 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lib import labels as L
-from lib.io import (
-    load_volume,
-    resample_nearest,
-    save_like,
-    save_volume,
-    strip_nifti_suffix,
-)
+from lib.core import labels as L
+from lib.io import load_volume, save_like, save_volume, strip_nifti_suffix
+from lib.imaging.resampling import resample_nearest
 
 SET_NAMES = ("test_public", "test_private", "Test_VerSe")
 
@@ -424,7 +419,7 @@ def run_lowz_job(job: LowzJob) -> dict:
 def lowz_sweep(model_dir: Path, cases: Sequence[TestCase], z_list: Sequence[float], work_dir: Path, model_name: str,
                workers: int = 0, device: str = "auto") -> pd.DataFrame:
     """Per case and z spacing: Dice / HD95 / identification of ``model_dir`` on thick-slice images."""
-    from lib.parallel import map_cases
+    from lib.core.parallel import map_cases
 
     jobs = [LowzJob(c.case_id, c.set_name, str(c.image), str(c.truth), float(z), str(model_dir), str(work_dir), device)
             for z in z_list for c in cases]

@@ -27,8 +27,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
-from lib import labels as L  # noqa: E402
+from lib.core import labels as L  # noqa: E402
 from lib.io import load_volume  # noqa: E402
+from lib.metrics.overlap import dice_per_label  # noqa: E402
 
 WINDOWS = {"bone": (400.0, 1800.0), "soft tissue": (40.0, 400.0), "wide": (0.0, 2500.0)}
 """Window presets as (level, width) in HU."""
@@ -66,8 +67,6 @@ def _aspect(spacing, plane: str) -> float:
 
 def per_vertebra_dice(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """Dice per vertebra present in the truth (name -> Dice), craniocaudal order."""
-    from lib.annotation import dice_per_label
-
     present = L.ordered([int(v) for v in np.unique(truth) if v and int(v) in L.LABELS])
     d = dice_per_label(truth, pred, present)
     return {L.name(v): d.get(v, 0.0) for v in present}

@@ -55,17 +55,11 @@ import pandas as pd
 from nibabel import orientations
 from pydicom.multival import MultiValue
 
-from lib import dicom
-from lib import labels as L
-from lib.io import (
-    NiftiReadError,
-    atomic_path,
-    check_pair,
-    load_volume,
-    save_volume,
-    write_text,
-)
-from lib.paths import SPLITS, ProfilePaths
+from lib.io import dicom_read as dicom
+from lib.core import labels as L
+from lib.io import NiftiReadError, atomic_path, check_pair, load_volume, save_volume, write_text
+from lib.core.paths import SPLITS, ProfilePaths
+from lib.core.seeding import stable_rng
 
 # ============================================================================ constants
 
@@ -406,10 +400,6 @@ class Selection:
         return self.candidate.release_id
 
 
-def _stable_int(*parts: object) -> int:
-    return int(hashlib.sha256("/".join(str(p) for p in parts).encode()).hexdigest()[:12], 16)
-
-
 def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
@@ -517,7 +507,7 @@ def select_series(cands: Sequence[Candidate], cfg: CurationConfig,
             notes.append(f"{src}/{patient}: the Path.csv row matches no series on disk; seeded choice used instead")
         if src == "COLONOG":
             cs = sorted(cs, key=lambda c: (c.position, c.source_key))
-            order = np.random.default_rng(_stable_int(cfg.seed, "position", patient)).permutation(len(cs))
+            order = stable_rng(cfg.seed, "position", patient, nbytes=6).permutation(len(cs))
             ranked = [cs[i] for i in order]
             positions = sorted({c.position for c in cs})
             reason = f"seeded random choice among {len(cs)} series ({'/'.join(positions)})"
@@ -543,7 +533,7 @@ def select_series(cands: Sequence[Candidate], cfg: CurationConfig,
         k = int(cfg.subset_sizes.get(src, 0) or 0)
         group = [s for s in selections if s.candidate.source == src]
         if k and len(group) > k:
-            rng = np.random.default_rng(_stable_int(cfg.seed, "subset", src))
+            rng = stable_rng(cfg.seed, "subset", src, nbytes=6)
             keep_idx = set(rng.choice(len(group), size=k, replace=False).tolist())
             for i, s in enumerate(group):
                 if i in keep_idx:
@@ -701,9 +691,8 @@ def process_series(job: dict) -> dict:
                 save_volume(arr, affine, staged, dtype=np.int16)
             else:
                 h = vol.header
-                dicom.write_nifti_with_text(arr, affine, staged, descrip=f"{h.get('PatientName', '')} {h.get('StudyDate', '')}",
-                                            aux_file=str(h.get("AccessionNumber", "")),
-                                            extension_text=json.dumps(rec["meta"]))
+                save_volume(arr, affine, staged, descrip=f"{h.get('PatientName', '')} {h.get('StudyDate', '')}",
+                            aux_file=str(h.get("AccessionNumber", "")), extension_text=json.dumps(rec["meta"]))
         else:
             v = load_volume(job["files"][0], canonical=False)
             data = np.asarray(v.array)
@@ -722,9 +711,8 @@ def process_series(job: dict) -> dict:
                 h = v.header
                 ext = " ".join(e.get_content().decode("utf-8", "replace") if isinstance(e.get_content(), bytes)
                                else str(e.get_content()) for e in h.extensions)
-                dicom.write_nifti_with_text(arr, affine, staged, descrip=h["descrip"].tobytes().rstrip(b"\0").decode("latin-1"),
-                                            aux_file=h["aux_file"].tobytes().rstrip(b"\0").decode("latin-1"),
-                                            extension_text=ext)
+                save_volume(arr, affine, staged, descrip=h["descrip"].tobytes().rstrip(b"\0").decode("latin-1"),
+                            aux_file=h["aux_file"].tobytes().rstrip(b"\0").decode("latin-1"), extension_text=ext)
         sp, sh = _canonical_geometry(affine, arr.shape)
         canon = np.moveaxis(arr, slice_axis, 2) if slice_axis != 2 else arr
         rec["measures"].update(
@@ -884,7 +872,7 @@ def convert_selected(sel: SelectionResult, cfg: CurationConfig, progress: bool =
     (the patient's other COLONOG position / HNSCC time point) that is tried next, and both
     attempts are recorded.
     """
-    from lib.parallel import map_cases
+    from lib.core.parallel import map_cases
 
     manifest = read_manifest(cfg)
     queues = {s.release_id: [s.candidate, *s.fallbacks] for s in sel.selections}
@@ -941,7 +929,7 @@ def convert_selected(sel: SelectionResult, cfg: CurationConfig, progress: bool =
                 next_queues[rid] = queue[1:]
         queues = next_queues
     if cfg.on_error == "raise" and failures:
-        from lib.parallel import CaseErrors
+        from lib.core.parallel import CaseErrors
 
         raise CaseErrors(failures)
     included.sort(key=lambda c: (SOURCES.index(c.source) if c.source in SOURCES else 99, c.release_id))
@@ -1081,7 +1069,7 @@ def split_stratified(ids: Sequence[str], seed: int, patterns: Mapping[str, Seque
         members = sorted(members)
         fr = (fractions or {}).get(src) or paper_fractions(src)
         counts = _largest_remainder(len(members), fr)
-        perm = np.random.default_rng(_stable_int(seed, "split", src)).permutation(len(members))
+        perm = stable_rng(seed, "split", src, nbytes=6).permutation(len(members))
         k = 0
         for split, c in zip(SPLITS, counts, strict=True):
             for i in perm[k:k + c]:

@@ -88,7 +88,7 @@ def load_model(model_dir: str | Path, device: str = "auto") -> LoadedModel:
     Raises:
         FileNotFoundError: no ``model.pt`` in ``model_dir``.
     """
-    from lib.runinfo import resolve_device
+    from lib.core.runinfo import resolve_device
 
     model_dir = Path(model_dir)
     path = model_dir / "model.pt" if model_dir.is_dir() else model_dir
@@ -584,7 +584,7 @@ def predict_cases(model_dir: str | Path, items: Iterable[Sequence[str]], *, work
     Returns:
         ``lib.parallel.MapResult``: ``values`` {case_id: output path}, ``failures``.
     """
-    from lib.parallel import map_cases
+    from lib.core.parallel import map_cases
 
     items = [tuple(str(x) for x in it) for it in items]
     threads = num_threads if num_threads is not None else (1 if (workers or scheduler) else 0)
@@ -649,7 +649,7 @@ def plot_prediction(image_path: str | Path, truth_path: str | Path | None, pred_
     """
     import matplotlib.pyplot as plt
 
-    from lib import labels as L
+    from lib.core import labels as L
     from lib.viz import default_slices, label_cmap
 
     ct = load_volume(image_path)
@@ -695,7 +695,7 @@ def plot_dice_per_label(per_case, title: str = ""):
     """
     import matplotlib.pyplot as plt
 
-    from lib import labels as L
+    from lib.core import labels as L
 
     df = per_case[per_case["status"].isin(["detected", "missed"])] if "status" in per_case else per_case
     vert = df[df["label"] > 0]

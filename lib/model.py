@@ -45,7 +45,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,7 +53,8 @@ from typing import Any
 import numpy as np
 
 from lib.io import load_volume, write_text
-from lib.labels import VERSE_LABELS, level_index, ordered
+from lib.core.labels import VERSE_LABELS, level_index, ordered
+from lib.core.seeding import stable_rng
 
 PLAN_VERSION = 2  # 2: "levels" stages count Plan.level_ladder() (T13 off the ladder)
 PROFILE_KINDS = ("synthetic", "paper")
@@ -67,10 +67,6 @@ _PAPER_FILTERS = (32, 64, 128, 256, 320, 320)
 
 
 # --------------------------------------------------------------------------- fingerprint
-
-
-def _case_seed(case_id: str) -> int:
-    return zlib.crc32(str(case_id).encode())
 
 
 def fingerprint_case(item: tuple[str, str, str]) -> dict[str, Any]:
@@ -91,7 +87,7 @@ def fingerprint_case(item: tuple[str, str, str]) -> dict[str, Any]:
     fg = np.asarray(img.array)[m].astype(np.float32)
     idx = np.nonzero(m)
     fg_extent = [float((i.max() - i.min() + 1) * s) if i.size else 0.0 for i, s in zip(idx, img.spacing, strict=True)]
-    rng = np.random.default_rng(_case_seed(case_id))
+    rng = stable_rng(case_id, digest="crc32")
     if fg.size > 10_000:
         fg = rng.choice(fg, 10_000, replace=False)
     return {
@@ -118,7 +114,7 @@ def extract_fingerprint(cases: Iterable[Sequence[str]], workers: int | None = 0)
         ``labels`` (union, sorted), ``intensity`` (foreground HU ``mean``, ``std``, ``p00_5``,
         ``p99_5``, ``min``, ``max``) and ``case_ids``.
     """
-    from lib.parallel import map_cases
+    from lib.core.parallel import map_cases
 
     items = [tuple(str(x) for x in c) for c in cases]
     if not items:

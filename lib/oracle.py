@@ -22,10 +22,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from nibabel import orientations
 
-from lib.io import Volume, load_volume, resample_nearest, write_text
-from lib.paths import ProfilePaths
+from lib.imaging.resampling import resample_labels_to
+from lib.io import Volume, load_volume, save_volume, write_text
+from lib.core.paths import ProfilePaths
 
 INDEX_COLUMNS = (
     "source", "patient_id", "source_key", "series_description", "time_point", "n_thoracic", "n_lumbar",
@@ -48,13 +48,8 @@ def truth_paths(oracle_root: Path, source: str, source_key: str) -> tuple[Path, 
 def write_truth(oracle_root: Path, source: str, source_key: str, mask: np.ndarray, affine: np.ndarray,
                 centroids: dict[int, tuple[float, float, float]]) -> tuple[Path, Path]:
     """Write a truth mask (uint8, array order of ``affine``) and its world centroids atomically."""
-    from lib.io import atomic_path
-    from lib.sources import nifti_gz_bytes
-
     mpath, cpath = truth_paths(oracle_root, source, source_key)
-    data = nifti_gz_bytes(np.asarray(mask, np.uint8), affine)
-    with atomic_path(mpath) as tmp:
-        tmp.write_bytes(data)
+    save_volume(np.asarray(mask, np.uint8), affine, mpath)
     body = {str(int(k)): [round(float(c), 4) for c in v] for k, v in sorted(centroids.items())}
     write_text(cpath, json.dumps({"space": "RAS world mm", "centroids": body}, indent=1))
     return mpath, cpath
@@ -109,26 +104,6 @@ def load_truth(paths: ProfilePaths, source: str, source_key: str, target: Volume
     mpath = Path(paths.oracle) / row["mask_path"]
     truth = load_volume(mpath, canonical=True, dtype=np.uint8)
     return resample_labels_to(truth.array, truth.affine, target.shape, target.affine)
-
-
-def resample_labels_to(labels: np.ndarray, affine: np.ndarray, shape: tuple[int, ...],
-                       target_affine: np.ndarray, atol_mm: float = 1e-3) -> np.ndarray:
-    """Nearest-neighbour resampling of a label map onto another grid by world coordinates.
-
-    Exact copy (with axis permutation/flip) when the grids coincide within ``atol_mm``.
-    """
-    labels = np.asarray(labels)
-    A, B = np.asarray(affine, float), np.asarray(target_affine, float)
-    # same grid up to permutation/flip?
-    ornt_a = orientations.io_orientation(A)
-    ornt_b = orientations.io_orientation(B)
-    tr = orientations.ornt_transform(ornt_a, ornt_b)
-    moved = orientations.apply_orientation(labels, tr)
-    moved_aff = A @ orientations.inv_ornt_aff(tr, labels.shape)
-    if moved.shape == tuple(shape) and np.allclose(moved_aff, B, atol=atol_mm):
-        return np.ascontiguousarray(moved, dtype=np.uint8)
-    # general case: nearest truth voxel of each target voxel centre
-    return resample_nearest(labels.astype(np.uint8, copy=False), A, tuple(shape), B)
 
 
 def read_phi_planted(paths: ProfilePaths) -> dict:

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 from scipy import ndimage
 
-from lib import labels as L
+from lib.core import labels as L
 
 # ----------------------------------------------------------------------------- spec
 

@@ -27,9 +27,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib import params as _params
+from lib.core import params as _params
 from lib.io import write_text
-from lib.paths import REPO_ROOT, for_profile
+from lib.core.paths import REPO_ROOT, for_profile
 
 STAMP = ".stage.json"
 
@@ -196,7 +196,7 @@ def run(profile: str = "synthetic", force: bool = False, stages_spec: str | None
 
 
 def _known_stages() -> set[str]:
-    from lib.paths import STAGES
+    from lib.core.paths import STAGES
 
     return set(STAGES)
 

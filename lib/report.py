@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from lib.io import write_text
-from lib.paths import STAGES, for_profile
+from lib.core.paths import STAGES, for_profile
 
 # Tables shown on the index page, in order: (stage, file, title)
 KEY_TABLES = (

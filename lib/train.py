@@ -61,15 +61,10 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from lib.core.seeding import stable_rng
 from lib.io import atomic_path, load_volume, write_text
-from lib.model import (
-    Plan,
-    StagePlan,
-    build_network,
-    plan_from_dict,
-    plan_to_dict,
-    save_plan,
-)
+from lib.metrics.overlap import dice, dice_per_label
+from lib.model import Plan, StagePlan, build_network, plan_from_dict, plan_to_dict, save_plan
 
 CACHE_VERSION = 4
 MAX_FG_SAMPLES = 4000  # stored foreground coordinates per class and case
@@ -325,7 +320,7 @@ def cache_case(job: CacheJob) -> dict[str, dict[str, Any]]:
             stored = np.rint(np.clip(frac, 0, 1) * SOFT_MAX).astype(np.uint8)
         else:
             stored = seg
-        rng = np.random.default_rng(zlib_seed(job.case_id))
+        rng = stable_rng(job.case_id, digest="crc32")
         fg_rows = []
         classes = [int(c) for c in np.unique(seg) if c != 0]
         for c in classes:
@@ -385,13 +380,6 @@ def decode_levels(target: np.ndarray) -> np.ndarray:
     return np.where(t >= LEVEL_FG, t - LEVEL_FG, 0).astype(np.uint8)
 
 
-def zlib_seed(text: str) -> int:
-    """A stable 32-bit seed from a string."""
-    import zlib
-
-    return zlib.crc32(str(text).encode())
-
-
 def build_caches(cases: Sequence[Sequence[str]], plan: Plan, stages: Sequence[str], cache_dir: str | Path,
                  workers: int | None = 0, progress: bool = True) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     """Preprocess ``(case_id, image_path, mask_path)`` cases for several stages (one read per case).
@@ -404,7 +392,7 @@ def build_caches(cases: Sequence[Sequence[str]], plan: Plan, stages: Sequence[st
     Raises:
         lib.parallel.CaseErrors: listing every case that could not be preprocessed.
     """
-    from lib.parallel import map_cases
+    from lib.core.parallel import map_cases
 
     stages = list(stages)
     folders = tuple(str(Path(cache_dir) / _stage_key(plan, plan.stage(s))) for s in stages)
@@ -489,7 +477,7 @@ def inspect_verse_case(item: dict[str, Any]) -> dict[str, Any]:
         craniocaudal, as names), ``n_vertebrae``, ``first``/``last`` label names, ``shape``,
         ``spacing_mm`` and ``mask_spacing_mm``.
     """
-    from lib import labels as L
+    from lib.core import labels as L
     from lib.io import check_pair
 
     row: dict[str, Any] = {**item, "usable": False, "reason": "", "labels": "", "n_vertebrae": 0, "first": "",
@@ -564,7 +552,7 @@ def select_pretraining_cases(verse_root: str | Path, workers: int | None = 0, bo
     """
     import pandas as pd
 
-    from lib.parallel import map_cases
+    from lib.core.parallel import map_cases
 
     items = [{**it, "border_mm": border_mm, "end_margin_mm": end_margin_mm} for it in find_verse_cases(verse_root)]
     res = map_cases(inspect_verse_case, items, ids=[it["case_id"] for it in items], workers=workers,
@@ -915,17 +903,10 @@ def _ds_weights(n: int) -> list[float]:
 
 
 def dice_scores(pred: np.ndarray, gt: np.ndarray, n_classes: int) -> tuple[float, float]:
-    """(foreground Dice, mean Dice over classes present in gt or pred, background excluded)."""
-    fg_p, fg_g = pred > 0, gt > 0
-    den = fg_p.sum() + fg_g.sum()
-    fg = float(2 * (fg_p & fg_g).sum() / den) if den else 1.0
-    vals = []
-    for c in range(1, n_classes):
-        p, g = pred == c, gt == c
-        d = p.sum() + g.sum()
-        if d:
-            vals.append(2 * (p & g).sum() / d)
-    return fg, float(np.mean(vals)) if vals else 1.0
+    """(foreground Dice, mean Dice over classes present in gt or pred, background excluded);
+    1.0 for what is empty in both (a patch without spine scores perfectly)."""
+    per_class = dice_per_label(pred, gt, range(1, n_classes))
+    return dice(pred > 0, gt > 0, empty=1.0), float(np.mean(list(per_class.values()))) if per_class else 1.0
 
 
 def _config_hash(payload: dict[str, Any]) -> str:
@@ -1071,7 +1052,7 @@ def train(cases: Sequence[Sequence[str]], out_dir: str | Path, plan: Plan | None
     """
     import torch
 
-    from lib.runinfo import resolve_device
+    from lib.core.runinfo import resolve_device
 
     t_call = time.perf_counter()
     rank, world, local_rank = _dist_info()

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from lib import labels as L
+from lib.core import labels as L
 
 WINDOWS: dict[str, tuple[float, float]] = {
     "bone": (400.0, 1800.0),  # centre, width (HU)

@@ -7,8 +7,8 @@ import pytest
 
 from lib import analysis as A
 from lib import phantom
-from lib.annotation import mean_vertebra_dice
-from lib.labels import label_at_level, level_index
+from lib.metrics.overlap import mean_vertebra_dice
+from lib.core.labels import label_at_level, level_index
 
 
 def _shift_from_sacrum(mask: np.ndarray, by: int = -1) -> np.ndarray:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from lib import report as report_mod
 from lib.io import save_volume
-from lib.paths import REPO_ROOT
+from lib.core.paths import REPO_ROOT
 from tests.annotation_fixtures import spine_mask
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]

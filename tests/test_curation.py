@@ -13,9 +13,10 @@ import pandas as pd
 import pydicom
 import pytest
 
-from lib import curation, io, paths
-from lib import labels as L
-from lib.sources import write_dicom_series
+from lib import curation, io
+from lib.core import paths
+from lib.core import labels as L
+from lib.io.dicom_write import write_dicom_series
 
 AFF = np.array([[2.0, 0, 0, -40.0], [0, 2.0, 0, -30.0], [0, 0, 2.5, -80.0], [0, 0, 0, 1]])
 SHAPE = (40, 34, 44)  # 110 mm craniocaudal coverage
@@ -430,7 +431,7 @@ def test_metadata_age_band_and_bad_inputs_named(sources, tmp_path):
 
 
 def test_params_files_match_the_notebook():
-    from lib import params
+    from lib.core import params
 
     for profile in ("synthetic", "ci", "paper"):
         values = params.load_params(params.params_file(profile, "01_curation"), "01_curation")

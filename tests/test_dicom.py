@@ -1,6 +1,6 @@
 """lib.dicom: series validation and DICOM -> NIfTI geometry.
 
-Series are written by ``lib.sources.write_dicom_series`` from arrays whose RAS affine is known,
+Series are written by ``lib.io.dicom_write.write_dicom_series`` from arrays whose RAS affine is known,
 so every converted affine can be checked against the DICOM tags and against the truth.
 """
 
@@ -12,8 +12,9 @@ import pytest
 import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 
-from lib import dicom, io
-from lib.sources import write_dicom_series
+from lib.io import dicom_read as dicom
+from lib import io
+from lib.io.dicom_write import write_dicom_series
 
 TAGS = {"PatientID": "TEST0001", "Modality": "CT", "Manufacturer": "SYNTH"}
 

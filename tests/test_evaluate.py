@@ -13,8 +13,8 @@ import pytest
 
 from lib import evaluate, metrics
 from lib.io import save_volume
-from lib.labels import name
-from lib.parallel import CaseErrors
+from lib.core.labels import name
+from lib.core.parallel import CaseErrors
 
 SPACING = (0.9, 1.1, 1.6)
 AFFINE = np.diag([*SPACING, 1.0])

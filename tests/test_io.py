@@ -10,6 +10,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from lib import io
+from lib.imaging import resampling
 
 
 def _write(path, data, affine):
@@ -175,22 +176,22 @@ def test_fast_gzip_reads_same_as_stdlib(tmp_path, rng):
 def test_resample_nearest_identity_permutation_and_coarse_grid(rng):
     lab = rng.integers(0, 26, size=(8, 9, 10)).astype(np.uint8)
     aff = np.diag([1.5, 1.5, 2.0, 1.0])
-    assert np.array_equal(io.resample_nearest(lab, aff, lab.shape, aff), lab)
+    assert np.array_equal(resampling.resample_nearest(lab, aff, lab.shape, aff), lab)
     # the same grid described with flipped x: exact copy, flipped
     flip = aff.copy()
     flip[0, 0] = -1.5
     flip[0, 3] = 1.5 * 7
-    assert np.array_equal(io.resample_nearest(lab, aff, lab.shape, flip), lab[::-1])
+    assert np.array_equal(resampling.resample_nearest(lab, aff, lab.shape, flip), lab[::-1])
     # a 2x coarser z grid takes every other slice (centres coincide at even indices)
     coarse = aff.copy()
     coarse[2, 2] = 4.0
-    out = io.resample_nearest(lab, aff, (8, 9, 5), coarse)
+    out = resampling.resample_nearest(lab, aff, (8, 9, 5), coarse)
     assert np.array_equal(out, lab[:, :, ::2])
     assert set(np.unique(out)) <= set(np.unique(lab))  # labels are never blended
     # outside the source: fill
     far = aff.copy()
     far[:3, 3] = 1000.0
-    assert (io.resample_nearest(lab, aff, (2, 2, 2), far, fill=0) == 0).all()
+    assert (resampling.resample_nearest(lab, aff, (2, 2, 2), far, fill=0) == 0).all()
 
 
 def test_strip_nifti_suffix_keeps_dotted_release_ids():

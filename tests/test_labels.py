@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib import labels
+from lib.core import labels
 
 
 def test_table_matches_ctspine1k_and_verse_conventions():

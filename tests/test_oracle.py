@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from lib import oracle, sources
+from lib.imaging import resampling
 from lib.io import load_volume, save_volume
 from lib.io import write_text as io_write_text
 
@@ -29,7 +30,7 @@ def _affine(sp=(1.0, 1.5, 2.0), origin=(-10.0, 5.0, -100.0)) -> np.ndarray:
 def test_resample_is_an_exact_copy_when_grids_coincide_up_to_flips(axcodes):
     lab, aff = _labels(), _affine()
     stored, st_aff = sources.reorient_array(lab, aff, axcodes)
-    back = oracle.resample_labels_to(stored, st_aff, lab.shape, aff)
+    back = resampling.resample_labels_to(stored, st_aff, lab.shape, aff)
     np.testing.assert_array_equal(back, lab)
 
 
@@ -37,13 +38,13 @@ def test_resample_is_nearest_neighbour_by_world_coordinates():
     lab, aff = _labels(), _affine()
     # target: every second voxel along z, shifted by one voxel in x, plus a voxel outside
     tgt = aff @ np.array([[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]], float)
-    out = oracle.resample_labels_to(lab, aff, (12, 10, 4), tgt)
+    out = resampling.resample_labels_to(lab, aff, (12, 10, 4), tgt)
     np.testing.assert_array_equal(out[:11], lab[1:, :, ::2])
     assert (out[11] == 0).all()  # outside the truth grid
     # a tiny shift (0.3 voxel) still picks the nearest voxel, labels never interpolated
     tgt2 = aff.copy()
     tgt2[:3, 3] += np.array([0.3, 0.0, 0.0])
-    out2 = oracle.resample_labels_to(lab, aff, lab.shape, tgt2)
+    out2 = resampling.resample_labels_to(lab, aff, lab.shape, tgt2)
     np.testing.assert_array_equal(out2, lab)
     assert set(np.unique(out2)) <= set(np.unique(lab))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib import parallel
+from lib.core import parallel
 
 
 def square_or_fail(case):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lib import params
+from lib.core import params
 
 CELL = '''profile: str = "synthetic"  # synthetic | ci | paper
 max_epochs: int = 40  # training length

@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from lib import labels as L
+from lib.core import labels as L
 from lib.phantom import (
     T_CANC,
     T_CORT,

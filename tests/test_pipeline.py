@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lib import pipeline
-from lib.params import ParamsError
+from lib.core.params import ParamsError
 
 
 def _nb(path, params_src, body):

@@ -9,7 +9,7 @@ import tomllib
 
 import yaml
 
-from lib.paths import REPO_ROOT
+from lib.core.paths import REPO_ROOT
 
 
 def _pyproject():

@@ -8,7 +8,8 @@ import nbformat
 import pandas as pd
 from PIL import Image
 
-from lib import paths, report, runinfo
+from lib.core import paths, runinfo
+from lib import report
 
 
 def test_report_lists_tables_figures_and_notebooks(tmp_path):

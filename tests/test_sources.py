@@ -17,6 +17,7 @@ import SimpleITK as sitk
 import yaml
 
 from lib import oracle, sources
+from lib.io import dicom_write
 from lib.io import load_volume
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,7 +58,7 @@ def test_dicom_series_geometry_round_trips_through_simpleitk(tmp_path, order, ki
         aff = _oblique_affine()
     else:  # prone: rows run R->L reversed (IOP -1,0,0,0,-1,0 in LPS) = RAS-increasing axes
         aff = np.diag([-0.8, -0.8, 2.0, 1.0]) @ np.diag([-1.0, -1.0, 1.0, 1.0])
-    files = sources.write_dicom_series(ct, aff, tmp_path / "s", {"PatientName": "A^B", "PatientID": "P1"},
+    files = dicom_write.write_dicom_series(ct, aff, tmp_path / "s", {"PatientName": "A^B", "PatientID": "P1"},
                                        slice_order=order)
     assert len(files) == 9
     arr, got = _sitk_read(tmp_path / "s")
@@ -72,11 +73,11 @@ def test_dicom_tags_and_positions_read_back_with_pydicom(tmp_path):
     aff[:3, 3] = (200.0, 180.0, -300.0)
     tags = {"PatientName": "DOE^JANE", "PatientID": "X7", "PatientBirthDate": "19500101", "InstitutionName": "H",
             "AccessionNumber": "A1", "StudyDate": "20070101", "KVP": "120", "SliceThickness": "2.5"}
-    files = sources.write_dicom_series(ct, aff, tmp_path / "s", tags, slice_order="descending", drop_slices=(2,))
+    files = dicom_write.write_dicom_series(ct, aff, tmp_path / "s", tags, slice_order="descending", drop_slices=(2,))
     assert len(files) == 4
     dss = [pydicom.dcmread(f) for f in files]
     ds = dss[0]
-    assert ds.SOPClassUID == sources.CT_IMAGE_STORAGE and ds.Modality == "CT"
+    assert ds.SOPClassUID == dicom_write.CT_IMAGE_STORAGE and ds.Modality == "CT"
     assert str(ds.PatientName) == "DOE^JANE" and ds.PatientBirthDate == "19500101" and ds.KVP == "120"
     np.testing.assert_allclose([float(v) for v in ds.ImageOrientationPatient], [1, 0, 0, 0, 1, 0])
     np.testing.assert_allclose([float(v) for v in ds.PixelSpacing], [0.75, 0.75])
@@ -92,7 +93,7 @@ def test_dicom_tags_and_positions_read_back_with_pydicom(tmp_path):
     np.testing.assert_allclose([float(v) for v in by_inst[-1].ImagePositionPatient], [-200.0, -180.0, -300.0])
     # geometry keywords come from the affine only
     with pytest.raises(ValueError, match="PixelSpacing"):
-        sources.write_dicom_series(ct, aff, tmp_path / "t", {"PixelSpacing": [1, 1]})
+        dicom_write.write_dicom_series(ct, aff, tmp_path / "t", {"PixelSpacing": [1, 1]})
 
 
 def test_dicom_series_write_is_atomic_and_cleans_up_after_a_killed_run(tmp_path):
@@ -100,8 +101,8 @@ def test_dicom_series_write_is_atomic_and_cleans_up_after_a_killed_run(tmp_path)
     stale = tmp_path / ".s.abc123"
     stale.mkdir()
     (stale / "1-001.dcm").write_bytes(b"half")
-    first = sources.write_dicom_series(ct, np.eye(4), tmp_path / "s", {"PatientName": "X"})
-    again = sources.write_dicom_series(ct[:, :, :2], np.eye(4), tmp_path / "s", {"PatientName": "X"})
+    first = dicom_write.write_dicom_series(ct, np.eye(4), tmp_path / "s", {"PatientName": "X"})
+    again = dicom_write.write_dicom_series(ct[:, :, :2], np.eye(4), tmp_path / "s", {"PatientName": "X"})
     assert len(first) == 4 and len(again) == 2
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [p.name for p in again]  # replaced, no leftovers
     assert [p.name for p in tmp_path.iterdir()] == ["s"]  # stale and temporary folders gone
@@ -109,7 +110,7 @@ def test_dicom_series_write_is_atomic_and_cleans_up_after_a_killed_run(tmp_path)
 
 def test_dicom_files_are_what_pydicom_itself_writes(tmp_path):
     ct = np.arange(6 * 5 * 3, dtype=np.int16).reshape(6, 5, 3)
-    files = sources.write_dicom_series(ct, np.eye(4), tmp_path / "s", {"PatientName": "X"})
+    files = dicom_write.write_dicom_series(ct, np.eye(4), tmp_path / "s", {"PatientName": "X"})
     ds = pydicom.dcmread(files[1])
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)

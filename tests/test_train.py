@@ -17,7 +17,7 @@ import torch
 
 from lib import model, train
 from lib.io import load_volume
-from lib.paths import REPO_ROOT
+from lib.core.paths import REPO_ROOT
 from tests.test_model import make_toy_case, toy_cases
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -366,7 +366,7 @@ def _verse_scan(root, stem, labels, shape=(10, 10, 72), mask_zoom=1.0, pad_top=9
 
 
 def test_verse_selection_keeps_complete_consistent_scans_and_says_why_not(tmp_path):
-    from lib import labels as L
+    from lib.core import labels as L
 
     full = list(range(1, 25))  # C1..L5
     _verse_scan(tmp_path, "sub-verse001", full)
@@ -408,7 +408,7 @@ def test_foreground_targets_are_spine_fractions_on_a_coarser_grid(tmp_path):
 
 
 def test_levels_count_whole_levels_so_a_normal_l1_follows_t12(tmp_path):
-    from lib import labels as L
+    from lib.core import labels as L
 
     cases = toy_cases(tmp_path / "d", 1)
     plan = tiny_plan(cases, labels=L.ordered(list(range(1, 26)) + [L.T13]))

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 from pydantic import ConfigDict, ValidationError, create_model
 
-from lib.paths import REPO_ROOT
+from lib.core.paths import REPO_ROOT
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 PARAMS_DIR = REPO_ROOT / "params"
@@ -261,7 +261,7 @@ def check_all(profiles=None) -> list[str]:
 
 
 def main(argv=None) -> int:
-    """``python -m lib.params [PROFILE ...]``: validate params files; exit 1 on any problem."""
+    """``python -m lib.core.params [PROFILE ...]``: validate params files; exit 1 on any problem."""
     import sys
 
     argv = sys.argv[1:] if argv is None else argv

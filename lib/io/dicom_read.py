@@ -39,7 +39,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from lib.io import atomic_path, save_volume
+from lib.io import save_volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """DICOM patient coordinates (LPS) -> NIfTI world (RAS): flip x and y."""
@@ -474,25 +474,3 @@ def convert_series(files: Sequence[str | Path], out_path: str | Path, where: str
     save_volume(vol.array, vol.affine, out_path, dtype=np.int16)
     return ConversionResult(Path(out_path), vol.geometry.shape, vol.geometry.spacing, vol.affine,
                             time.perf_counter() - t0)
-
-
-def write_nifti_with_text(array: np.ndarray, affine: np.ndarray, path: str | Path, descrip: str = "",
-                          aux_file: str = "", extension_text: str = "") -> Path:
-    """Write NIfTI keeping free-text header fields (the de-identification-off path).
-
-    This is what a converter that copies source text into the header produces; the
-    curation stage uses it only when ``deidentify`` is off, so that the PHI audit can show
-    what it would catch. Normal output goes through :func:`lib.io.save_volume`.
-    """
-    import nibabel as nib
-
-    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    img.header["descrip"] = descrip.encode("latin-1", "replace")[:79]
-    img.header["aux_file"] = aux_file.encode("latin-1", "replace")[:23]
-    if extension_text:
-        img.header.extensions.append(nib.nifti1.Nifti1Extension(6, extension_text.encode("utf-8")))  # 6 = comment
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return Path(path)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.io import write_text
-from lib.paths import REPO_ROOT
+from lib.core.paths import REPO_ROOT
 
 PACKAGES = ("numpy", "scipy", "pandas", "nibabel", "pydicom", "SimpleITK", "torch", "monai",
             "dask", "distributed", "papermill", "matplotlib", "scikit-image", "isal")

@@ -1,4 +1,4 @@
-"""NIfTI input/output with explicit geometry, atomic writes and integrity checks.
+"""NIfTI input/output with explicit geometry: the one reader and the one writer.
 
 Conventions:
     * Arrays are processed in one canonical orientation: RAS+ voxel axes (axis 0 -> Right,
@@ -14,18 +14,16 @@ Conventions:
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import os
-import tempfile
 import zlib
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from nibabel import openers, orientations
+
+from lib.io.atomic import atomic_write
 
 try:  # python-isal: ISA-L accelerated gzip, API-compatible with the standard gzip module
     from isal import igzip as _igzip
@@ -70,61 +68,6 @@ def strip_nifti_suffix(path: str | Path) -> str:
         if name.endswith(suf):
             return name[: -len(suf)]
     return name
-
-
-def _full_suffix(path: Path) -> str:
-    name = path.name
-    for suf in NIFTI_SUFFIXES + (".tar.gz",):
-        if name.endswith(suf):
-            return suf
-    return path.suffix
-
-
-PARTIAL_DIR = ".partial"
-"""Hidden folder beside each output where temporary files live until they are renamed into
-place, so a killed run leaves nothing that a ``glob("*.nii.gz")`` of the folder would pick up."""
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path (same suffix) to write; rename it to ``path`` on success.
-
-    The temporary file lives in ``<folder>/.partial/``; on an exception it is removed and
-    ``path`` is left as it was, so a reader never sees a half-written file.
-    """
-    path = Path(path)
-    tmp_dir = path.parent / PARTIAL_DIR
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp" + _full_suffix(path), dir=tmp_dir)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-        raise
-    finally:
-        with contextlib.suppress(OSError):
-            tmp_dir.rmdir()  # only when empty (other writers may be busy in it)
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "wb", **kwargs):
-    """Open a temporary file for writing and rename it to ``path`` when the block succeeds."""
-    with atomic_path(path) as tmp:
-        with open(tmp, mode, **kwargs) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Atomically write a text file (UTF-8)."""
-    with atomic_write(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    return Path(path)
 
 
 @dataclass
@@ -245,18 +188,18 @@ def load_volume(path: str | Path, canonical: bool = True, dtype=None) -> Volume:
     return Volume(arr, can_affine, affine, ornt, header, path)
 
 
-def save_volume(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype=None,
-                header: nib.Nifti1Header | None = None) -> Path:
-    """Atomically save ``array`` with ``affine`` as NIfTI (compressed when the name ends ``.gz``).
+def nifti_bytes(array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None,
+                compress: bool = True, descrip: str = "", aux_file: str = "", extension_text: str = "") -> bytes:
+    """A NIfTI-1 file as bytes: the one encoder behind every NIfTI the workspace writes.
 
-    The header's sform and qform are both set to ``affine`` (code 1, scanner), and only
-    geometry/dtype fields are carried over from ``header``: never free-text fields that
-    could hold identifiers (descrip, aux_file, intent_name, extensions). Compressed output is
-    deterministic: the same array and affine give the same bytes.
+    The header's sform and qform are both set to ``affine`` (code 1, scanner), units mm; only
+    geometry/dtype fields are carried over from ``header``, never its free-text fields. Text
+    (``descrip``, ``aux_file``, a comment extension) is written only when passed explicitly:
+    the synthetic sources plant identifiers that way, and curation with de-identification off
+    copies source text (what the PHI audit must catch). Compressed output is deterministic:
+    the same array, affine and text give the same bytes (gzip mtime 0, no file name).
     """
     arr = np.asarray(array)
-    if dtype is not None:
-        arr = arr.astype(dtype, copy=False)
     hdr = nib.Nifti1Header()
     if header is not None:
         hdr.set_xyzt_units(*header.get_xyzt_units())
@@ -264,14 +207,29 @@ def save_volume(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype=N
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
     img.header.set_data_dtype(arr.dtype)
-    img.header["descrip"] = b""
-    img.header["aux_file"] = b""
+    img.header["descrip"] = descrip.encode("latin-1", "replace")[:79]
+    img.header["aux_file"] = aux_file.encode("latin-1", "replace")[:23]
     img.header.set_xyzt_units("mm", "sec")
+    if extension_text:
+        img.header.extensions.append(nib.nifti1.Nifti1Extension(6, extension_text.encode("utf-8")))  # 6: comment
     data = img.to_bytes()
-    if str(path).endswith(".gz"):
-        # no file name and a zero time in the gzip header: same array, same bytes
+    if compress:
         data = _igzip.compress(data, compresslevel=1, mtime=0) if _igzip is not None else \
             gzip.compress(data, compresslevel=1, mtime=0)
+    return data
+
+
+def save_volume(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype=None,
+                header: nib.Nifti1Header | None = None, **text: str) -> Path:
+    """Atomically save ``array`` with ``affine`` as NIfTI (compressed when the name ends ``.gz``).
+
+    Encoded by :func:`nifti_bytes` (sform = qform = ``affine``, code 1; no free-text header
+    fields unless ``descrip`` / ``aux_file`` / ``extension_text`` are given).
+    """
+    arr = np.asarray(array)
+    if dtype is not None:
+        arr = arr.astype(dtype, copy=False)
+    data = nifti_bytes(arr, affine, header, compress=str(path).endswith(".gz"), **text)
     with atomic_write(path, "wb") as fh:
         fh.write(data)
     return Path(path)
@@ -284,111 +242,3 @@ def save_like(array: np.ndarray, ref: Volume, path: str | Path, dtype=None) -> P
     return save_volume(ref.to_original(array), ref.original_affine, path, dtype=dtype, header=ref.header)
 
 
-# ----------------------------------------------------------------------------- integrity
-
-
-@dataclass(frozen=True)
-class Fault:
-    """One integrity problem: the file and what is wrong with it."""
-
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
-
-
-class IntegrityError(ValueError):
-    """Raised with one or more :class:`Fault` s."""
-
-    def __init__(self, faults: Iterable[Fault]):
-        self.faults = list(faults)
-        super().__init__("; ".join(str(f) for f in self.faults))
-
-
-def check_pair(image_path: str | Path, mask_path: str | Path | None = None,
-               allowed_labels: Iterable[int] | None = None, affine_atol_mm: float = 1e-3,
-               ) -> list[Fault]:
-    """Check an image (and its mask) before anything uses them.
-
-    Checks: both readable (gzip intact), 3D, finite spacing; image without NaN/inf; mask of
-    an integer dtype (or float holding integers), same shape as the image, affine equal
-    within ``affine_atol_mm``, label values within ``allowed_labels`` (0 always allowed).
-
-    Returns:
-        A list of faults, empty when the pair is usable. Each names its file.
-    """
-    faults: list[Fault] = []
-    try:
-        img = load_volume(image_path, canonical=False)
-    except NiftiReadError as exc:
-        return [Fault(str(image_path), str(exc).split(": ", 1)[-1])]
-    if np.issubdtype(img.array.dtype, np.floating) and not np.isfinite(img.array).all():
-        n = int((~np.isfinite(img.array)).sum())
-        faults.append(Fault(str(image_path), f"{n} NaN/inf voxels"))
-    if mask_path is None:
-        return faults
-    try:
-        msk = load_volume(mask_path, canonical=False)
-    except NiftiReadError as exc:
-        return faults + [Fault(str(mask_path), str(exc).split(": ", 1)[-1])]
-    m = msk.array
-    if np.issubdtype(m.dtype, np.floating):
-        if not np.isfinite(m).all():
-            faults.append(Fault(str(mask_path), "mask contains NaN/inf"))
-            return faults
-        if not np.all(m == np.round(m)):
-            faults.append(Fault(str(mask_path), f"mask has non-integer values (dtype {m.dtype})"))
-            return faults
-    elif not np.issubdtype(m.dtype, np.integer):
-        faults.append(Fault(str(mask_path), f"mask dtype {m.dtype} is not integer"))
-    if m.shape != img.array.shape:
-        faults.append(Fault(str(mask_path), f"mask shape {m.shape} differs from image shape {img.array.shape} ({image_path})"))
-    elif not np.allclose(msk.original_affine, img.original_affine, atol=affine_atol_mm):
-        diff = float(np.abs(msk.original_affine - img.original_affine).max())
-        faults.append(Fault(str(mask_path), f"mask affine differs from image affine by up to {diff:.4g} mm ({image_path})"))
-    if allowed_labels is not None:
-        present = np.unique(m).astype(np.int64)
-        bad = sorted(set(present.tolist()) - set(int(v) for v in allowed_labels) - {0})
-        if bad:
-            faults.append(Fault(str(mask_path), f"unexpected label values {bad}"))
-    return faults
-
-
-def require_pair(image_path, mask_path=None, allowed_labels=None, affine_atol_mm: float = 1e-3) -> None:
-    """Like :func:`check_pair` but raise :class:`IntegrityError` on any fault."""
-    faults = check_pair(image_path, mask_path, allowed_labels, affine_atol_mm)
-    if faults:
-        raise IntegrityError(faults)
-
-
-def resample_nearest(array: np.ndarray, src_affine: np.ndarray, dst_shape: tuple[int, int, int],
-                     dst_affine: np.ndarray, fill: int | float = 0, chunk_slices: int = 16) -> np.ndarray:
-    """Nearest-neighbour resampling by world coordinates (for label maps: never interpolates).
-
-    Every voxel of the destination grid takes the value of the source voxel whose centre is
-    nearest to it; destination voxels outside the source get ``fill``. Processed in slabs of
-    ``chunk_slices`` along the destination's last axis so memory stays bounded.
-
-    Args:
-        array: source data (x, y, z) with voxel->world matrix ``src_affine``.
-        dst_shape, dst_affine: the destination grid.
-    """
-    src_affine = np.asarray(src_affine, dtype=np.float64)
-    dst_affine = np.asarray(dst_affine, dtype=np.float64)
-    vox = np.linalg.solve(src_affine, dst_affine)  # dst voxel -> src voxel
-    if np.allclose(vox, np.eye(4), atol=1e-6) and tuple(dst_shape) == array.shape:
-        return array.copy()
-    out = np.full(dst_shape, fill, dtype=array.dtype)
-    ii, jj = np.meshgrid(np.arange(dst_shape[0]), np.arange(dst_shape[1]), indexing="ij")
-    for k0 in range(0, dst_shape[2], chunk_slices):
-        k1 = min(dst_shape[2], k0 + chunk_slices)
-        kk = np.arange(k0, k1)
-        src = [np.rint(vox[a, 0] * ii[..., None] + vox[a, 1] * jj[..., None] + vox[a, 2] * kk[None, None, :]
-                       + vox[a, 3]).astype(np.int64) for a in range(3)]
-        ok = np.ones(src[0].shape, bool)
-        for a in range(3):
-            ok &= (src[a] >= 0) & (src[a] < array.shape[a])
-        slab = out[:, :, k0:k1]
-        slab[ok] = array[src[0][ok], src[1][ok], src[2][ok]]
-    return out

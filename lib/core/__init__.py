@@ -1,0 +1,1 @@
+"""Foundations (layer 0): labels, paths, cases, seeding, params, parallel map, run info."""

@@ -1,0 +1,32 @@
+"""File formats (layer 1): atomic writes, NIfTI, integrity checks, DICOM read and write.
+
+The NIfTI, atomic-write and integrity API is re-exported here (``from lib.io import
+load_volume``); the DICOM modules are imported by name (:mod:`lib.io.dicom_read`,
+:mod:`lib.io.dicom_write`).
+"""
+
+from lib.io.atomic import PARTIAL_DIR, atomic_path, atomic_write, link_or_copy, move_atomic, write_text
+from lib.io.integrity import Fault, IntegrityError, check_pair, require_pair
+from lib.io.nifti import (
+    FAST_GZIP,
+    NIBABEL_GZ_OPENER,
+    NIFTI_SUFFIXES,
+    NiftiReadError,
+    Volume,
+    load_volume,
+    nifti_bytes,
+    register_fast_gzip,
+    save_like,
+    save_volume,
+    spacing_from_affine,
+    strip_nifti_suffix,
+    to_canonical_order,
+    to_original_order,
+)
+
+__all__ = [
+    "FAST_GZIP", "NIBABEL_GZ_OPENER", "NIFTI_SUFFIXES", "PARTIAL_DIR", "Fault", "IntegrityError", "NiftiReadError",
+    "Volume", "atomic_path", "atomic_write", "check_pair", "link_or_copy", "load_volume", "move_atomic",
+    "nifti_bytes", "register_fast_gzip", "require_pair", "save_like", "save_volume", "spacing_from_affine",
+    "strip_nifti_suffix", "to_canonical_order", "to_original_order", "write_text",
+]
