@@ -53,10 +53,10 @@ import numpy as np
 import pandas as pd
 
 from lib.core import labels as L
+from lib.core.seeding import stable_rng, stable_seed
+from lib.imaging.label_shift import level_offsets, relabel, variant_of
 from lib.io import Volume, check_pair, load_volume, save_like, write_text
 from lib.metrics.overlap import mean_vertebra_dice
-from lib.core.labels import label_at_level, level_index
-from lib.core.seeding import stable_rng, stable_seed
 
 TIERS = ("junior", "senior_1", "senior_2", "expert", "double_check")
 MAX_MISSABLE_SHIFT = 1.0
@@ -229,58 +229,6 @@ class Ledger:
 
 
 # ----------------------------------------------------------------------------- mask arithmetic
-
-
-def correspondence(truth: np.ndarray, pred: np.ndarray) -> dict[int, int]:
-    """For each truth vertebra, the predicted label covering most of it (0 = missed)."""
-    k = 32
-    hist = np.bincount(truth.astype(np.int64).ravel() * k + pred.astype(np.int64).ravel(), minlength=k * k).reshape(k, k)
-    out = {}
-    for v in (int(x) for x in np.flatnonzero(hist.sum(axis=1)) if x):
-        row = hist[v].copy()
-        row[0] = 0
-        out[v] = int(np.argmax(row)) if row.max() > 0.2 * hist[v].sum() else 0
-    return out
-
-
-def level_offsets(truth: np.ndarray, pred: np.ndarray) -> dict[int, float]:
-    """Per truth vertebra: predicted level minus true level (a label shift is a run of equal
-    non-zero offsets). Missed vertebrae take the offset of their nearest labelled neighbour."""
-    corr = correspondence(truth, pred)
-    offs: dict[int, float | None] = {v: (level_index(p) - level_index(v) if p else None) for v, p in corr.items()}
-    known = {v: o for v, o in offs.items() if o is not None}
-    for v, o in offs.items():
-        if o is None:
-            if known:
-                nearest = min(known, key=lambda u: abs(level_index(u) - level_index(v)))
-                offs[v] = known[nearest]
-            else:
-                offs[v] = 0.0
-    return {v: float(o) for v, o in offs.items()}
-
-
-def relabel(truth: np.ndarray, offsets: dict[int, float]) -> np.ndarray:
-    """Truth geometry with each vertebra v labelled at level(v) + offset."""
-    lut = np.arange(256, dtype=np.uint8)
-    for v, o in offsets.items():
-        lut[v] = label_at_level(level_index(v) + o) if o else v
-    return lut[truth]
-
-
-def variant_of(truth: np.ndarray) -> str:
-    """``"L6"``, ``"missing_L5"``, ``"T13"`` or ``""`` from a truth mask's label set.
-
-    Missing L5 is called when L4 is the last lumbar vertebra and the mask also holds L3 (so the
-    lumbar spine is in the field of view down to its end): a lumbar sacralisation.
-    """
-    present = set(np.unique(truth).tolist())
-    if L.L6 in present:
-        return "L6"
-    if L.T13 in present:
-        return "T13"
-    if 23 in present and 22 in present and L.L5 not in present:
-        return "missing_L5"
-    return ""
 
 
 # ----------------------------------------------------------------------------- simulated tiers
@@ -679,8 +627,8 @@ def dump_json(obj, path: Path) -> Path:
 
 def release_cases(paths) -> list[Case]:
     """Every image of the curated release as a :class:`Case` (split from its folder)."""
-    from lib.io import strip_nifti_suffix
     from lib.core.paths import SPLITS
+    from lib.io import strip_nifti_suffix
 
     cases = []
     for split in SPLITS:

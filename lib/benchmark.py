@@ -22,8 +22,10 @@ import numpy as np
 import pandas as pd
 
 from lib.core import labels as L
-from lib.io import load_volume, save_like, save_volume, strip_nifti_suffix
+from lib.imaging.label_shift import correct_label_shift, dislocation, label_shift_table
 from lib.imaging.resampling import resample_nearest
+from lib.imaging.thick_slices import thick_slice_volume
+from lib.io import load_volume, save_like, save_volume, strip_nifti_suffix
 
 SET_NAMES = ("test_public", "test_private", "Test_VerSe")
 
@@ -247,8 +249,6 @@ def label_shift_cases(cases: Sequence[TestCase], stage04: Path, out_dir: Path, v
         One row per case: dislocated, offset, run length, shifted labels, variant, whether the
         correction was applied, its anchor and shift, labels before/after.
     """
-    from lib import analysis
-
     rows = []
     for c in cases:
         img = load_volume(c.image)
@@ -256,11 +256,11 @@ def label_shift_cases(cases: Sequence[TestCase], stage04: Path, out_dir: Path, v
         pred_path = prediction_path(stage04, c)
         pv = load_volume(pred_path)
         pred = np.asarray(pv.array, dtype=np.uint8)
-        tab = analysis.label_shift_table(gt, pred, img.affine)
-        d = analysis.dislocation(tab)
-        fixed, info = analysis.correct_label_shift(np.asarray(img.array), pred, img.affine, anchors=anchors)
+        tab = label_shift_table(gt, pred, img.affine)
+        d = dislocation(tab)
+        fixed, info = correct_label_shift(np.asarray(img.array), pred, img.affine, anchors=anchors)
         save_like(fixed, pv, prediction_path(out_dir, c, "corrected"), dtype=np.uint8)
-        after = analysis.dislocation(analysis.label_shift_table(gt, fixed, img.affine))
+        after = dislocation(label_shift_table(gt, fixed, img.affine))
         rows.append({"set": c.set_name, "case_id": c.case_id, "variant": variant_of(gt) or "normal",
                      "dislocated": d.dislocated, "offset": d.offset, "run_length": d.run_length,
                      "shifted_labels": " ".join(d.shifted_labels), "correction_applied": info.applied,
@@ -390,7 +390,7 @@ _MODEL_CACHE: dict[str, object] = {}
 def run_lowz_job(job: LowzJob) -> dict:
     """Thick-slice the image to ``z_mm``, predict, resample the prediction back to the original
     grid (nearest neighbour) and score it against the truth there."""
-    from lib import analysis, infer, metrics
+    from lib import infer, metrics
 
     if job.model_dir not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
@@ -399,7 +399,7 @@ def run_lowz_job(job: LowzJob) -> dict:
     img = load_volume(job.image)
     gt = np.asarray(load_volume(job.truth).array, dtype=np.uint8)
     native_z = float(img.spacing[2])
-    thick, thick_aff = analysis.simulate_thick_slices(np.asarray(img.array), img.affine, job.z_mm)
+    thick, thick_aff = thick_slice_volume(np.asarray(img.array), img.affine, job.z_mm)
     thick_path = Path(job.work_dir) / "images" / f"z{job.z_mm:g}" / f"{job.case_id}.nii.gz"
     if not thick_path.exists():
         save_volume(thick, thick_aff, thick_path, dtype=np.int16)

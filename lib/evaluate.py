@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lib.core import labels as lab
 from lib import metrics
-from lib.io import NIFTI_SUFFIXES, load_volume, strip_nifti_suffix, write_text
+from lib.core import labels as lab
 from lib.core.parallel import CaseErrors, map_cases
+from lib.io import NIFTI_SUFFIXES, load_volume, strip_nifti_suffix, write_text
 
 AFFINE_ATOL_MM = 1e-3
 """Largest difference between truth and prediction affines accepted (mm), as ``lib.io.check_pair``."""

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from lib.analysis import split_at_necks
+from lib.imaging.instances import split_at_necks
 from lib.io import load_volume, save_like, strip_nifti_suffix
 from lib.model import Plan, StagePlan, build_network
 from lib.train import (

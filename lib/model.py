@@ -52,9 +52,9 @@ from typing import Any
 
 import numpy as np
 
-from lib.io import load_volume, write_text
 from lib.core.labels import VERSE_LABELS, level_index, ordered
 from lib.core.seeding import stable_rng
+from lib.io import load_volume, write_text
 
 PLAN_VERSION = 2  # 2: "levels" stages count Plan.level_ladder() (T13 off the ladder)
 PROFILE_KINDS = ("synthetic", "paper")

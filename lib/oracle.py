@@ -23,9 +23,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from lib.core.paths import ProfilePaths
 from lib.imaging.resampling import resample_labels_to
 from lib.io import Volume, load_volume, save_volume, write_text
-from lib.core.paths import ProfilePaths
 
 INDEX_COLUMNS = (
     "source", "patient_id", "source_key", "series_description", "time_point", "n_thoracic", "n_lumbar",

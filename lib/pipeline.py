@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lib.core import params as _params
-from lib.io import write_text
 from lib.core.paths import REPO_ROOT, for_profile
+from lib.io import write_text
 
 STAMP = ".stage.json"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from lib.io import write_text
 from lib.core.paths import STAGES, for_profile
+from lib.io import write_text
 
 # Tables shown on the index page, in order: (stage, file, title)
 KEY_TABLES = (

@@ -38,10 +38,9 @@ import pandas as pd
 from nibabel import orientations as nib_orient
 
 from lib.core.seeding import stable_rng, stable_seed
+from lib.imaging.resampling import reorient_array
 from lib.io import atomic_path, save_volume
-
-from lib.io.dicom_write import format_ds, deterministic_uid, write_dicom_series
-
+from lib.io.dicom_write import deterministic_uid, format_ds, write_dicom_series
 
 # ============================================================================ synthetic sources
 
@@ -324,15 +323,6 @@ def plan_sources(cfg: Mapping[str, object]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-def reorient_array(array: np.ndarray, affine: np.ndarray, axcodes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Permute/flip an array (and its affine) so its voxel axes point along ``axcodes``."""
-    ornt_from = nib_orient.io_orientation(affine)
-    ornt_to = nib_orient.axcodes2ornt(tuple(axcodes))
-    tr = nib_orient.ornt_transform(ornt_from, ornt_to)
-    out = nib_orient.apply_orientation(array, tr)
-    return np.ascontiguousarray(out), np.asarray(affine, float) @ nib_orient.inv_ornt_aff(tr, array.shape)
 
 
 def write_verse_centroids(path: Path, centroids: Mapping[int, Sequence[float]], affine: np.ndarray,

@@ -62,6 +62,8 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from lib.core.seeding import stable_rng
+from lib.imaging.resampling import resample_image, resample_labels, resampled_shape
+from lib.imaging.thick_slices import thick_slice_augment
 from lib.io import atomic_path, load_volume, write_text
 from lib.metrics.overlap import dice, dice_per_label
 from lib.model import Plan, StagePlan, build_network, plan_from_dict, plan_to_dict, save_plan
@@ -71,82 +73,6 @@ MAX_FG_SAMPLES = 4000  # stored foreground coordinates per class and case
 
 
 # =========================================================================== resampling
-
-
-def resampled_shape(shape: Sequence[int], spacing: Sequence[float], new_spacing: Sequence[float]) -> tuple[int, ...]:
-    """Voxel counts after resampling a grid to ``new_spacing`` with the same physical extent."""
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, new_spacing, strict=True))
-
-
-def source_coords(n_old: int, n_new: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Source voxel coordinates of new-grid voxels ``start..stop`` (voxel edges aligned).
-
-    The two grids cover the same extent: voxel ``j`` of the new grid is centred at
-    ``(j + 0.5) * n_old / n_new - 0.5`` of the old one (``align_corners=False``).
-    """
-    stop = n_new if stop is None else stop
-    return (np.arange(start, stop, dtype=np.float64) + 0.5) * (n_old / n_new) - 0.5
-
-
-def _interp_axis(arr: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
-    """Linear interpolation of ``arr`` along ``axis`` at fractional ``coords`` (edge clamped)."""
-    n = arr.shape[axis]
-    c = np.clip(coords, 0, n - 1)
-    lo = np.floor(c).astype(np.int64)
-    hi = np.minimum(lo + 1, n - 1)
-    w = (c - lo).astype(np.float32)
-    shape = [1] * arr.ndim
-    shape[axis] = len(c)
-    w = w.reshape(shape)
-    a = np.take(arr, lo, axis=axis).astype(np.float32, copy=False)
-    b = np.take(arr, hi, axis=axis).astype(np.float32, copy=False)
-    return a * (1 - w) + b * w
-
-
-def resample_image(arr: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
-    """Trilinear resampling of a 3D image to ``new_shape`` (same extent), float32."""
-    out = np.asarray(arr, dtype=np.float32)
-    for axis in range(3):
-        if out.shape[axis] != new_shape[axis]:
-            out = _interp_axis(out, axis, source_coords(arr.shape[axis], int(new_shape[axis])))
-    return np.ascontiguousarray(out, dtype=np.float32)
-
-
-def resample_labels(seg: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
-    """Resample a label map: each label linearly (within its bounding box), then argmax.
-
-    Smoother than nearest neighbour when the grid changes a lot (nnU-Net does the same), and
-    memory-bounded: one float32 volume of ``new_shape`` plus the running argmax.
-    """
-    seg = np.asarray(seg)
-    new_shape = tuple(int(s) for s in new_shape)
-    if seg.shape == new_shape:
-        return seg.astype(np.uint8, copy=True)
-    best = np.full(new_shape, 0.5, dtype=np.float32)  # a label needs > 0.5 to win over background
-    out = np.zeros(new_shape, dtype=np.uint8)
-    for v in np.unique(seg):
-        if v == 0:
-            continue
-        idx = np.nonzero(seg == v)
-        lo_src = [max(int(i.min()) - 1, 0) for i in idx]
-        hi_src = [min(int(i.max()) + 2, n) for i, n in zip(idx, seg.shape, strict=True)]
-        sl_new = []
-        coords = []
-        for a in range(3):
-            c_all = source_coords(seg.shape[a], new_shape[a])
-            inside = np.nonzero((c_all > lo_src[a] - 1) & (c_all < hi_src[a]))[0]
-            if inside.size == 0:
-                inside = np.array([int(np.clip(np.argmin(np.abs(c_all - idx[a].mean())), 0, new_shape[a] - 1))])
-            sl_new.append(slice(int(inside[0]), int(inside[-1]) + 1))
-            coords.append(c_all[inside[0]:inside[-1] + 1] - lo_src[a])
-        block = (seg[lo_src[0]:hi_src[0], lo_src[1]:hi_src[1], lo_src[2]:hi_src[2]] == v).astype(np.float32)
-        for a in range(3):
-            block = _interp_axis(block, a, coords[a])
-        region = tuple(sl_new)
-        win = block > best[region]
-        best[region] = np.where(win, block, best[region])
-        out[region] = np.where(win, np.uint8(v), out[region])
-    return out
 
 
 # =========================================================================== preprocessing cache
@@ -677,36 +603,12 @@ def extract_patch(image: np.ndarray, seg: np.ndarray | None, centre: Sequence[fl
     return img_p, seg_p
 
 
-def simulate_thick_slices(img: np.ndarray, spacing_z: float, thickness_mm: float, phase: float) -> np.ndarray:
-    """Thick-slice acquisition along z: average slabs of ``thickness_mm``, sample one slice per
-    slab, interpolate back linearly to the original z grid (labels stay fine).
-
-    Args:
-        img: (x, y, z) float32 patch.
-        spacing_z: z voxel size of ``img`` (mm).
-        thickness_mm: simulated slice thickness = slice spacing (mm).
-        phase: position of the first thick slice, in fine slices (0 <= phase < step).
-    """
-    step = thickness_mm / spacing_z
-    if step < 1.5:
-        return img
-    box = max(int(round(step)), 1)
-    smooth = ndimage.uniform_filter1d(img, size=box, axis=2, mode="nearest")
-    n = img.shape[2]
-    thick_pos = np.arange(phase, n, step)
-    if thick_pos.size < 2:
-        return smooth
-    thick = _interp_axis(smooth, 2, thick_pos)
-    back = (np.arange(n, dtype=np.float64) - phase) / step
-    return _interp_axis(thick, 2, back)
-
-
 def augment_intensity(img: np.ndarray, aug: dict[str, Any], rng: np.random.Generator,
                       spacing: Sequence[float]) -> np.ndarray:
     """nnU-Net-style intensity augmentation on a normalised patch (float32, same shape)."""
     if rng.random() < aug.get("thick_slice_prob", 0.0):
         t = float(rng.uniform(*aug.get("thick_slice_mm", (3.0, 6.0))))
-        img = simulate_thick_slices(img, float(spacing[2]), t, float(rng.uniform(0, max(t / spacing[2], 1.0))))
+        img = thick_slice_augment(img, float(spacing[2]), t, float(rng.uniform(0, max(t / spacing[2], 1.0))))
     if rng.random() < aug.get("p_noise", 0.0):
         img = img + rng.normal(0, float(rng.uniform(0, aug.get("noise_std", 0.1))), img.shape).astype(np.float32)
     if rng.random() < aug.get("p_blur", 0.0):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lib import analysis as A
 from lib import phantom
-from lib.metrics.overlap import mean_vertebra_dice
+from lib.core import labels as L
 from lib.core.labels import label_at_level, level_index
+from lib.imaging import instances, label_shift, landmarks, thick_slices
+from lib.metrics.overlap import mean_vertebra_dice
 
 
 def _shift_from_sacrum(mask: np.ndarray, by: int = -1) -> np.ndarray:
@@ -33,13 +34,13 @@ def missing_l5_case():
 def test_dislocation_detected_on_a_shifted_l6_case(l6_case):
     m = l6_case.mask
     shifted = _shift_from_sacrum(m)
-    tab = A.label_shift_table(m, shifted, l6_case.affine)
+    tab = label_shift.label_shift_table(m, shifted, l6_case.affine)
     assert list(tab["z_mm"]) == sorted(tab["z_mm"], reverse=True)  # cranial first
     l5_row = tab[tab["pred_name"] == "L5"].iloc[0]
     assert l5_row["truth_name"] == "L6" and l5_row["offset"] == -1
-    d = A.dislocation(tab)
+    d = label_shift.dislocation(tab)
     assert d.dislocated and d.offset == -1 and d.run_length == len(tab)
-    ok = A.dislocation(A.label_shift_table(m, m, l6_case.affine))
+    ok = label_shift.dislocation(label_shift.label_shift_table(m, m, l6_case.affine))
     assert not ok.dislocated and ok.run_length == 0
 
 
@@ -47,7 +48,7 @@ def test_single_mislabel_is_not_a_dislocation(l6_case):
     m = l6_case.mask.copy()
     pred = m.copy()
     pred[m == 22] = 23  # one vertebra wrong: no run of two
-    assert not A.dislocation(A.label_shift_table(m, pred, l6_case.affine)).dislocated
+    assert not label_shift.dislocation(label_shift.label_shift_table(m, pred, l6_case.affine)).dislocated
 
 
 @pytest.mark.parametrize("fixture", ["l6_case", "missing_l5_case"])
@@ -55,9 +56,9 @@ def test_correction_restores_labels_from_the_last_rib(fixture, request):
     case = request.getfixturevalue(fixture)
     shifted = _shift_from_sacrum(case.mask)
     assert mean_vertebra_dice(case.mask, shifted) < 0.1
-    kept, info = A.correct_label_shift(case.ct, shifted, case.affine)  # default: two landmarks needed
+    kept, info = label_shift.correct_label_shift(case.ct, shifted, case.affine)  # default: two landmarks needed
     assert not info.applied and "one landmark" in info.anchor and np.array_equal(kept, shifted)
-    fixed, info = A.correct_label_shift(case.ct, shifted, case.affine, anchors="any")
+    fixed, info = label_shift.correct_label_shift(case.ct, shifted, case.affine, anchors="any")
     assert info.applied and info.anchor == "last rib (T12)"
     assert mean_vertebra_dice(case.mask, fixed) == pytest.approx(1.0)
     assert np.array_equal(fixed > 0, shifted > 0)  # geometry untouched, only labels change
@@ -65,14 +66,14 @@ def test_correction_restores_labels_from_the_last_rib(fixture, request):
 
 def test_correction_leaves_a_correct_prediction_alone(l6_case, missing_l5_case):
     for case in (l6_case, missing_l5_case):
-        for anchors in A.ANCHOR_POLICIES:
-            out, info = A.correct_label_shift(case.ct, case.mask, case.affine, anchors=anchors)
+        for anchors in label_shift.ANCHOR_POLICIES:
+            out, info = label_shift.correct_label_shift(case.ct, case.mask, case.affine, anchors=anchors)
             assert not info.applied and np.array_equal(out, case.mask)
 
 
 def test_rib_detection_marks_thoracic_instances_only(l6_case):
-    insts = A.vertebra_instances(l6_case.mask, l6_case.affine)
-    ribs = A.detect_ribs(l6_case.ct, l6_case.mask, l6_case.affine, insts)
+    insts = instances.vertebra_instances(l6_case.mask, l6_case.affine)
+    ribs = landmarks.detect_ribs(l6_case.ct, l6_case.mask, l6_case.affine, insts)
     by_label = {i.label: r for i, r in zip(insts, ribs, strict=True)}
     assert by_label[19] and by_label[18]  # T12, T11
     assert not any(by_label[v] for v in (20, 21, 22, 23))  # L1..L4
@@ -83,17 +84,17 @@ def test_thick_slices_average_exactly_and_keep_world_geometry():
     aff[:3, 3] = [5.0, -3.0, 100.0]
     z = np.arange(12, dtype=np.int16)
     ct = np.broadcast_to(z * 100, (2, 3, 12)).copy()
-    thick, new = A.simulate_thick_slices(ct, aff, 4.5)  # 3 slices per slab
+    thick, new = thick_slices.thick_slice_volume(ct, aff, 4.5)  # 3 slices per slab
     assert thick.shape == (2, 3, 4)
     assert np.allclose(thick[0, 0], [100, 400, 700, 1000])  # means of (0,1,2)*100, (3,4,5)*100, ...
     assert new[2, 2] == pytest.approx(4.5)
     # slab centre: world z of old slice 1 (middle of slices 0..2)
     assert (new @ [0, 0, 0, 1])[2] == pytest.approx((aff @ [0, 0, 1, 1])[2])
     # a non-integer ratio weights partial slices
-    t2, _ = A.simulate_thick_slices(ct, aff, 2.25)  # 1.5 slices per slab
+    t2, _ = thick_slices.thick_slice_volume(ct, aff, 2.25)  # 1.5 slices per slab
     assert t2[0, 0, 0] == pytest.approx((0 * 1.0 + 100 * 0.5) / 1.5, abs=1)
     # finer than native: interpolated, same extent
-    fine, fa = A.simulate_thick_slices(ct, aff, 0.75)
+    fine, fa = thick_slices.thick_slice_volume(ct, aff, 0.75)
     assert fine.shape[2] == 24 and fa[2, 2] == pytest.approx(0.75)
 
 
@@ -101,17 +102,17 @@ def test_skull_needs_a_large_bone_mass_in_view_above_the_top_vertebra():
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
     pred = np.zeros((40, 40, 60), np.uint8)
     pred[15:25, 15:25, 20:30] = 1  # the top vertebra
-    top = A.vertebra_instances(pred, aff)[0]
+    top = instances.vertebra_instances(pred, aff)[0]
     ct = np.zeros(pred.shape, np.float32)
     ct[5:35, 5:35, 31:45] = 800.0  # skull base: 30 x 30 x 14 voxels of bone = 100 ml
-    assert A.detect_skull(ct, pred, aff, top)
+    assert landmarks.detect_skull(ct, pred, aff, top)
     small = np.zeros_like(ct)
     small[18:22, 18:22, 31:35] = 800.0  # 64 voxels = 0.5 ml: a cut vertebra or a rib, not a skull
-    assert not A.detect_skull(small, pred, aff, top)
+    assert not landmarks.detect_skull(small, pred, aff, top)
     # the image ends 6 mm above the vertebra: 14 ml of bone in view, but no skull can be claimed
     cut = np.ascontiguousarray(pred[:, :, :33])
     assert (ct[:, :, 30:33] > 250).sum() * 8 / 1000 > 10
-    assert not A.detect_skull(ct[:, :, :33], cut, aff, A.vertebra_instances(cut, aff)[0])
+    assert not landmarks.detect_skull(ct[:, :, :33], cut, aff, instances.vertebra_instances(cut, aff)[0])
 
 
 def test_default_correction_needs_skull_and_ribs_to_agree():
@@ -119,11 +120,11 @@ def test_default_correction_needs_skull_and_ribs_to_agree():
                                                   center_on_spine=True, fov_xy_mm=240.0))
     shifted = _shift_from_sacrum(case.mask, by=+1)  # C1 called C2 ... L5 called L6
     assert mean_vertebra_dice(case.mask, shifted) < 0.1
-    fixed, info = A.correct_label_shift(case.ct, shifted, case.affine)
+    fixed, info = label_shift.correct_label_shift(case.ct, shifted, case.affine)
     assert info.applied and info.anchor.startswith("C1 + last rib"), info.anchor
     assert mean_vertebra_dice(case.mask, fixed) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="anchors"):
-        A.correct_label_shift(case.ct, shifted, case.affine, anchors="one")
+        label_shift.correct_label_shift(case.ct, shifted, case.affine, anchors="one")
 
 
 def _merge(mask: np.ndarray, upper: int, lower: int) -> np.ndarray:
@@ -142,32 +143,32 @@ def test_merged_vertebrae_are_split_and_the_labels_below_move_down(l6_case, uppe
     m = l6_case.mask
     merged = _merge(m, upper, lower)
     assert 25 not in np.unique(merged)  # no L6 left: the paper's failure
-    insts = A.vertebra_instances(merged, l6_case.affine)
-    parts, notes = A.split_merged_instances(merged, l6_case.affine, insts)
-    assert len(parts) == len(insts) + 1 and len(notes) == 1 and notes[0].startswith(A.L.name(upper))
-    fixed, info = A.correct_label_shift(l6_case.ct, merged, l6_case.affine)
+    insts = instances.vertebra_instances(merged, l6_case.affine)
+    parts, notes = instances.split_merged_instances(merged, l6_case.affine, insts)
+    assert len(parts) == len(insts) + 1 and len(notes) == 1 and notes[0].startswith(L.name(upper))
+    fixed, info = label_shift.correct_label_shift(l6_case.ct, merged, l6_case.affine)
     assert info.applied and info.anchor.startswith("merged vertebra split"), info.anchor
     assert info.labels_after[-1] == "L6"
     assert np.array_equal(fixed > 0, merged > 0)  # voxels keep their place, labels change
     for v in (upper, lower, 25):  # the cut follows the disc (a posterior arch may go to the wrong side)
         a, b = m == v, fixed == v
-        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.8, A.L.name(v)
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.8, L.name(v)
     assert mean_vertebra_dice(m, fixed) > max(0.9, mean_vertebra_dice(m, merged) + 0.05)
-    kept, info = A.correct_label_shift(l6_case.ct, merged, l6_case.affine, split_merged=False)
+    kept, info = label_shift.correct_label_shift(l6_case.ct, merged, l6_case.affine, split_merged=False)
     assert not info.applied or not info.anchor.startswith("merged")
 
 
 def test_split_needs_two_whole_vertebrae_and_a_mostly_consecutive_prediction(l6_case):
     m = l6_case.mask
-    insts = A.vertebra_instances(m, l6_case.affine)
-    assert A.split_merged_instances(m, l6_case.affine, insts)[1] == []  # true L5 and L6 stay whole
+    insts = instances.vertebra_instances(m, l6_case.affine)
+    assert instances.split_merged_instances(m, l6_case.affine, insts)[1] == []  # true L5 and L6 stay whole
     # L5 grown by half of L6 only: too big, but the lower part would not be a whole vertebra
     grown = m.copy()
     l6 = np.argwhere(m == 25)
     top_half = l6[l6[:, 2] >= np.median(l6[:, 2])]
     grown[tuple(top_half.T)] = 24
     grown[m == 25] = np.where(grown[m == 25] == 24, 24, 0)
-    parts, notes = A.split_merged_instances(grown, l6_case.affine, A.vertebra_instances(grown, l6_case.affine))
+    parts, notes = instances.split_merged_instances(grown, l6_case.affine, instances.vertebra_instances(grown, l6_case.affine))
     assert notes == []
     # a merge inside a scrambled prediction: most labels would change, so nothing is applied
     merged = _merge(m, 24, 25)
@@ -176,8 +177,8 @@ def test_split_needs_two_whole_vertebrae_and_a_mostly_consecutive_prediction(l6_
     lut = np.arange(256, dtype=np.uint8)
     lut[present] = rng.permutation(present)
     scrambled = lut[merged]
-    assert A.split_merged_instances(scrambled, l6_case.affine, A.vertebra_instances(scrambled, l6_case.affine))[1]
-    out, info = A.correct_label_shift(l6_case.ct, scrambled, l6_case.affine)
+    assert instances.split_merged_instances(scrambled, l6_case.affine, instances.vertebra_instances(scrambled, l6_case.affine))[1]
+    out, info = label_shift.correct_label_shift(l6_case.ct, scrambled, l6_case.affine)
     assert not info.anchor.startswith("merged vertebra split")
 
 
@@ -189,6 +190,6 @@ def test_split_ignores_an_instance_too_thin_to_hold_a_disc():
     pred[5:25, 5:25, 5:7] = 22  # 8x the volume, two slices: no room for a valley
     pred[10:20, 10:20, 8] = 23
     pred[10:20, 10:20, 10] = 24
-    insts = A.vertebra_instances(pred, aff)
-    parts, notes = A.split_merged_instances(pred, aff, insts)
+    insts = instances.vertebra_instances(pred, aff)
+    parts, notes = instances.split_merged_instances(pred, aff, insts)
     assert notes == [] and len(parts) == len(insts) == 5

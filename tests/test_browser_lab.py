@@ -25,8 +25,8 @@ import pytest
 from PIL import Image
 
 from lib import report as report_mod
-from lib.io import save_volume
 from lib.core.paths import REPO_ROOT
+from lib.io import save_volume
 from tests.annotation_fixtures import spine_mask
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]

@@ -14,8 +14,8 @@ import pydicom
 import pytest
 
 from lib import curation, io
-from lib.core import paths
 from lib.core import labels as L
+from lib.core import paths
 from lib.io.dicom_write import write_dicom_series
 
 AFF = np.array([[2.0, 0, 0, -40.0], [0, 2.0, 0, -30.0], [0, 0, 2.5, -80.0], [0, 0, 0, 1]])

@@ -12,8 +12,8 @@ import pytest
 import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 
-from lib.io import dicom_read as dicom
 from lib import io
+from lib.io import dicom_read as dicom
 from lib.io.dicom_write import write_dicom_series
 
 TAGS = {"PatientID": "TEST0001", "Modality": "CT", "Manufacturer": "SYNTH"}

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from lib import evaluate, metrics
-from lib.io import save_volume
 from lib.core.labels import name
 from lib.core.parallel import CaseErrors
+from lib.io import save_volume
 
 SPACING = (0.9, 1.1, 1.6)
 AFFINE = np.diag([*SPACING, 1.0])

@@ -8,8 +8,8 @@ import nbformat
 import pandas as pd
 from PIL import Image
 
-from lib.core import paths, runinfo
 from lib import report
+from lib.core import paths, runinfo
 
 
 def test_report_lists_tables_figures_and_notebooks(tmp_path):

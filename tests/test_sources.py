@@ -17,8 +17,7 @@ import SimpleITK as sitk
 import yaml
 
 from lib import oracle, sources
-from lib.io import dicom_write
-from lib.io import load_volume
+from lib.io import dicom_write, load_volume
 
 REPO = Path(__file__).resolve().parent.parent
 

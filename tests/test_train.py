@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from lib import model, train
-from lib.io import load_volume
 from lib.core.paths import REPO_ROOT
+from lib.imaging import resampling, thick_slices
+from lib.io import load_volume
 from tests.test_model import make_toy_case, toy_cases
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -42,9 +43,9 @@ def _equal(a, b):
 
 def test_resample_image_keeps_extent_and_constants():
     a = np.full((10, 12, 14), 3.5, np.float32)
-    assert np.allclose(train.resample_image(a, (5, 6, 7)), 3.5)
+    assert np.allclose(resampling.resample_image(a, (5, 6, 7)), 3.5)
     ramp = np.broadcast_to(np.arange(20, dtype=np.float32), (4, 4, 20)).copy()
-    down = train.resample_image(ramp, (4, 4, 10))
+    down = resampling.resample_image(ramp, (4, 4, 10))
     # voxel edges aligned: new voxel j covers old voxels 2j, 2j+1 -> centre 2j + 0.5
     assert np.allclose(down[0, 0], np.arange(10) * 2 + 0.5)
 
@@ -53,10 +54,10 @@ def test_resample_labels_per_class_keeps_blocks_and_values():
     seg = np.zeros((20, 20, 40), np.uint8)
     seg[4:16, 4:16, 2:18] = 7
     seg[4:16, 4:16, 22:38] = 28
-    down = train.resample_labels(seg, (10, 10, 20))
+    down = resampling.resample_labels(seg, (10, 10, 20))
     assert set(np.unique(down)) == {0, 7, 28}
     assert (down[:, :, 1:9] == 7).sum() == 6 * 6 * 8
-    back = train.resample_labels(down, seg.shape)
+    back = resampling.resample_labels(down, seg.shape)
     assert (back == seg).mean() > 0.97
 
 
@@ -191,12 +192,12 @@ def test_fov_crop_keeps_a_random_part_of_the_region_along_z_only(tmp_path):
 def test_thick_slice_simulation_blurs_z_only():
     rng = np.random.default_rng(0)
     img = rng.normal(0, 1, (12, 12, 48)).astype(np.float32)
-    out = train.simulate_thick_slices(img, 1.0, 5.0, 0.0)
+    out = thick_slices.thick_slice_augment(img, 1.0, 5.0, 0.0)
     dz = np.abs(np.diff(out, axis=2)).mean()
     dx = np.abs(np.diff(out, axis=0)).mean()
     assert dz < 0.5 * np.abs(np.diff(img, axis=2)).mean()
     assert dx > 2 * dz  # in-plane detail kept
-    assert np.array_equal(train.simulate_thick_slices(img, 2.0, 2.5, 0.0), img)  # thinner than 1.5 voxels
+    assert np.array_equal(thick_slices.thick_slice_augment(img, 2.0, 2.5, 0.0), img)  # thinner than 1.5 voxels
 
 
 # ----------------------------------------------------------------------------- training

@@ -14,8 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from lib.io import write_text
 from lib.core.paths import REPO_ROOT
+from lib.io import write_text
 
 PACKAGES = ("numpy", "scipy", "pandas", "nibabel", "pydicom", "SimpleITK", "torch", "monai",
             "dask", "distributed", "papermill", "matplotlib", "scikit-image", "isal")

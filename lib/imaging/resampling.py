@@ -7,8 +7,20 @@ permutation). Arrays are ``(x, y, z)``; affines are 4x4 voxel -> world (mm).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from nibabel import orientations
+
+
+def reorient_array(array: np.ndarray, affine: np.ndarray, axcodes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Permute/flip an array (and its affine) so its voxel axes point along ``axcodes``."""
+    ornt_from = orientations.io_orientation(affine)
+    ornt_to = orientations.axcodes2ornt(tuple(axcodes))
+    tr = orientations.ornt_transform(ornt_from, ornt_to)
+    out = orientations.apply_orientation(array, tr)
+    return np.ascontiguousarray(out), np.asarray(affine, float) @ orientations.inv_ornt_aff(tr, array.shape)
+
 
 def resample_nearest(array: np.ndarray, src_affine: np.ndarray, dst_shape: tuple[int, int, int],
                      dst_affine: np.ndarray, fill: int | float = 0, chunk_slices: int = 16) -> np.ndarray:
@@ -60,3 +72,79 @@ def resample_labels_to(labels: np.ndarray, affine: np.ndarray, shape: tuple[int,
         return np.ascontiguousarray(moved, dtype=np.uint8)
     # general case: nearest truth voxel of each target voxel centre
     return resample_nearest(labels.astype(np.uint8, copy=False), A, tuple(shape), B)
+
+
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], new_spacing: Sequence[float]) -> tuple[int, ...]:
+    """Voxel counts after resampling a grid to ``new_spacing`` with the same physical extent."""
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, new_spacing, strict=True))
+
+
+def source_coords(n_old: int, n_new: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Source voxel coordinates of new-grid voxels ``start..stop`` (voxel edges aligned).
+
+    The two grids cover the same extent: voxel ``j`` of the new grid is centred at
+    ``(j + 0.5) * n_old / n_new - 0.5`` of the old one (``align_corners=False``).
+    """
+    stop = n_new if stop is None else stop
+    return (np.arange(start, stop, dtype=np.float64) + 0.5) * (n_old / n_new) - 0.5
+
+
+def interp_axis(arr: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
+    """Linear interpolation of ``arr`` along ``axis`` at fractional ``coords`` (edge clamped)."""
+    n = arr.shape[axis]
+    c = np.clip(coords, 0, n - 1)
+    lo = np.floor(c).astype(np.int64)
+    hi = np.minimum(lo + 1, n - 1)
+    w = (c - lo).astype(np.float32)
+    shape = [1] * arr.ndim
+    shape[axis] = len(c)
+    w = w.reshape(shape)
+    a = np.take(arr, lo, axis=axis).astype(np.float32, copy=False)
+    b = np.take(arr, hi, axis=axis).astype(np.float32, copy=False)
+    return a * (1 - w) + b * w
+
+
+def resample_image(arr: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
+    """Trilinear resampling of a 3D image to ``new_shape`` (same extent), float32."""
+    out = np.asarray(arr, dtype=np.float32)
+    for axis in range(3):
+        if out.shape[axis] != new_shape[axis]:
+            out = interp_axis(out, axis, source_coords(arr.shape[axis], int(new_shape[axis])))
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def resample_labels(seg: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
+    """Resample a label map: each label linearly (within its bounding box), then argmax.
+
+    Smoother than nearest neighbour when the grid changes a lot (nnU-Net does the same), and
+    memory-bounded: one float32 volume of ``new_shape`` plus the running argmax.
+    """
+    seg = np.asarray(seg)
+    new_shape = tuple(int(s) for s in new_shape)
+    if seg.shape == new_shape:
+        return seg.astype(np.uint8, copy=True)
+    best = np.full(new_shape, 0.5, dtype=np.float32)  # a label needs > 0.5 to win over background
+    out = np.zeros(new_shape, dtype=np.uint8)
+    for v in np.unique(seg):
+        if v == 0:
+            continue
+        idx = np.nonzero(seg == v)
+        lo_src = [max(int(i.min()) - 1, 0) for i in idx]
+        hi_src = [min(int(i.max()) + 2, n) for i, n in zip(idx, seg.shape, strict=True)]
+        sl_new = []
+        coords = []
+        for a in range(3):
+            c_all = source_coords(seg.shape[a], new_shape[a])
+            inside = np.nonzero((c_all > lo_src[a] - 1) & (c_all < hi_src[a]))[0]
+            if inside.size == 0:
+                inside = np.array([int(np.clip(np.argmin(np.abs(c_all - idx[a].mean())), 0, new_shape[a] - 1))])
+            sl_new.append(slice(int(inside[0]), int(inside[-1]) + 1))
+            coords.append(c_all[inside[0]:inside[-1] + 1] - lo_src[a])
+        block = (seg[lo_src[0]:hi_src[0], lo_src[1]:hi_src[1], lo_src[2]:hi_src[2]] == v).astype(np.float32)
+        for a in range(3):
+            block = interp_axis(block, a, coords[a])
+        region = tuple(sl_new)
+        win = block > best[region]
+        best[region] = np.where(win, block, best[region])
+        out[region] = np.where(win, np.uint8(v), out[region])
+    return out

@@ -24,7 +24,6 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from lib.core.seeding import stable_seed
 
-
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 """SOP Class UID of CT Image Storage."""
 
