@@ -35,10 +35,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.core import labels as L  # noqa: E402
 from lib import model, train  # noqa: E402
-from lib.io import load_volume  # noqa: E402
+from lib.core import labels as L  # noqa: E402
+from lib.core.cases import split_cases  # noqa: E402
 from lib.core.paths import REPO_ROOT  # noqa: E402
+from lib.io import load_volume  # noqa: E402
 
 CONFIGS = {
     "final": {},
@@ -68,7 +69,7 @@ def run(config: str, profile: str, n_holdout: int, n_train: int, seed: int, thre
     torch.set_num_threads(threads)
     cfg = CONFIGS[config]
     usable, _ = train.select_pretraining_cases(REPO_ROOT / "data" / profile / "sources" / "VerSe", progress=False)
-    tr, te = train.split_cases(usable, n_holdout, seed=seed)
+    tr, te = split_cases(usable, n_holdout, seed=seed)
     tr = tr[:n_train] if n_train else tr
     labs = L.ordered(list(L.CTSPINE1K_LABELS) + [L.T13])
     plan = model.plan_experiment(tr, "synthetic", labels=labs, coarse_spacing_mm=cfg.get("coarse_mm", 8.0), deep_supervision=0,

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from lib.io import dicom_read as dicom
 from lib import io, sources
+from lib.io import dicom_read as dicom
 
 
 def _ct_like(shape, seed=0):

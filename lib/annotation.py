@@ -54,6 +54,7 @@ import pandas as pd
 
 from lib.core import labels as L
 from lib.core.seeding import stable_rng, stable_seed
+from lib.datasets.label_tables import write_itksnap_labels
 from lib.imaging.label_shift import level_offsets, relabel, variant_of
 from lib.io import Volume, check_pair, load_volume, save_like, write_text
 from lib.metrics.overlap import mean_vertebra_dice
@@ -416,7 +417,7 @@ def export_for_itksnap(out_dir: str | Path, cases: Sequence[tuple[str, Path, Pat
         for src, name in ((img, f"{cid}.nii.gz"), (pre, f"{cid}_preannotation_seg.nii.gz")):
             if not (d / name).exists():
                 shutil.copyfile(src, d / name)
-        L.write_itksnap_labels(d / "labels.txt")
+        write_itksnap_labels(d / "labels.txt")
     write_text(out / "README.txt",
                "Open <ID>.nii.gz in ITK-SNAP, load <ID>_preannotation_seg.nii.gz as segmentation and\n"
                "labels.txt as label descriptions (Segmentation > Import Label Descriptions).\n"

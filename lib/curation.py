@@ -39,7 +39,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 import zipfile
 import zlib
@@ -55,49 +54,51 @@ import pandas as pd
 from nibabel import orientations
 from pydicom.multival import MultiValue
 
-from lib.core import labels as L
 from lib.core.paths import SPLITS, ProfilePaths
 from lib.core.seeding import stable_rng
+from lib.datasets.ctspine1k.ids import (  # noqa: F401  (temporary: the stage split follows)
+    BUILTIN_ID_PATTERNS,
+    DICOM_SOURCES,
+    NIFTI_SOURCES,
+    SOURCES,
+    UNKNOWN,
+    count_by_source_split,
+    infer_source,
+    merge_id_patterns,
+    release_id_for,
+    unknown_ids,
+)
+from lib.datasets.ctspine1k.release import (  # noqa: F401
+    find_special_cases,
+    has_masks,
+    release_inventory,
+    write_readme,
+)
+from lib.datasets.ctspine1k.split_file import (  # noqa: F401
+    paper_fractions,
+    read_split_file,
+    split_stratified,
+    write_split_file,
+)
+from lib.datasets.ctspine1k.table1 import build_table1, table1_markdown  # noqa: F401
+from lib.datasets.nnunet import export_nnunet  # noqa: F401
+from lib.datasets.paper_facts import PAPER_SPLIT_COUNTS, PAPER_TABLE1, PAPER_TOTALS  # noqa: F401
+from lib.datasets.verse import export_verse_centroids  # noqa: F401
 from lib.imaging.quality import measure_border_fraction, measure_noise_hu
-from lib.io import NiftiReadError, atomic_path, check_pair, load_volume, save_volume, write_text
+from lib.io import (
+    NiftiReadError,
+    atomic_path,
+    canonical_geometry,
+    load_volume,
+    move_atomic,
+    save_volume,
+    strip_nifti_suffix,
+    write_text,
+)
 from lib.io import dicom_read as dicom
 
 # ============================================================================ constants
 
-SOURCES = ("COLONOG", "HNSCC", "MSD_T10", "COVID19")
-"""The four CTSpine1K sources, in the paper's order."""
-DICOM_SOURCES = ("COLONOG", "HNSCC")
-NIFTI_SOURCES = ("MSD_T10", "COVID19")
-UNKNOWN = "unknown"
-
-BUILTIN_ID_PATTERNS: dict[str, tuple[str, ...]] = {
-    "COLONOG": (r"1\.3\.6\.1\.4\.1\.9328\.50\.4\.\d{4}", r"CTC-\d{10}"),
-    "HNSCC": (r"HN_P\d{3}",),
-    "MSD_T10": (r"liver_\d+",),
-    "COVID19": (r"volume-covid19-A-\d{4}(?:_\d+)?_ct",),
-}
-"""Release-ID spellings per source (full match). ``CTC-<10 digits>`` (COLONOG) and
-``volume-covid19-A-0202_0_ct`` occur in the official release next to the usual spellings."""
-
-PAPER_SPLIT_COUNTS: dict[str, dict[str, int]] = {
-    "COLONOG": {"trainset": 480, "test_public": 152, "test_private": 152},
-    "HNSCC": {"trainset": 20, "test_public": 5, "test_private": 6},
-    "MSD_T10": {"trainset": 90, "test_public": 30, "test_private": 30},
-    "COVID19": {"trainset": 20, "test_public": 10, "test_private": 10},
-}
-"""CTSpine1K Table 1: patients per source and split (total 610 / 197 / 198)."""
-
-PAPER_TABLE1: dict[str, dict[str, Any]] = {
-    "COLONOG": {"patients": 784, "spacing_mm": (0.75, 0.75, 0.81), "size": (512, 512, 542)},
-    "HNSCC": {"patients": 31, "spacing_mm": (1.09, 1.09, 2.0), "size": (512, 512, 202)},
-    "MSD_T10": {"patients": 150, "spacing_mm": (0.77, 0.77, 1.55), "size": (512, 512, 478)},
-    "COVID19": {"patients": 40, "spacing_mm": (0.79, 0.79, 4.5), "size": (512, 512, 93)},
-}
-"""CTSpine1K Table 1 per source: patients, mean spacing (x, y, z) mm, mean matrix size."""
-
-PAPER_TOTALS = {"patients": 1005, "vertebrae": 11172, "cervical": 419, "thoracic": 5942, "lumbar": 4712,
-                "L6_cases": 17, "sacralization_cases": 11}
-"""Paper totals: labelled vertebrae by region, sacral lumbarization (L6) and lumbar sacralization."""
 
 METADATA_SHEETS = {"COLONOG": "metadata_colonog.xlsx", "HNSCC": "metadata_neck.xlsx"}
 
@@ -225,64 +226,6 @@ class CurationConfig:
 # ============================================================================ release IDs
 
 
-def merge_id_patterns(extra: Mapping[str, str | Sequence[str]] | None = None) -> dict[str, tuple[str, ...]]:
-    """The built-in release-ID pattern table with the user's patterns added.
-
-    Args:
-        extra: ``{source: regex or [regex, ...]}``; patterns of a known source are added to
-            its built-in ones (not replacing them), a new source name adds a source.
-
-    Raises:
-        ValueError: a pattern that is not a valid regular expression, naming it.
-    """
-    table = {k: tuple(v) for k, v in BUILTIN_ID_PATTERNS.items()}
-    for src, pats in (extra or {}).items():
-        pats = (pats,) if isinstance(pats, str) else tuple(pats)
-        for pat in pats:
-            try:
-                re.compile(pat)
-            except re.error as exc:
-                raise ValueError(f"extra_id_patterns[{src!r}]: invalid regular expression {pat!r} ({exc})") from None
-        table[src] = table.get(src, ()) + pats
-    return table
-
-
-def strip_id(name: str | Path) -> str:
-    """Release ID of a file name: drop a ``.nii.gz`` / ``.nii`` suffix only (IDs such as
-    ``1.3.6.1.4.1.9328.50.4.0001`` contain dots, so no generic suffix stripping)."""
-    name = Path(name).name
-    for suf in (".nii.gz", ".nii"):
-        if name.endswith(suf):
-            return name[: -len(suf)]
-    return name
-
-
-def infer_source(release_id: str, patterns: Mapping[str, Sequence[str]] | None = None) -> str:
-    """Source of a release ID by the pattern table (full match); ``"unknown"`` when none fits.
-
-    ``.nii.gz`` / ``_seg`` suffixes are ignored, so file names work too.
-    """
-    rid = strip_id(release_id)
-    if rid.endswith("_seg"):
-        rid = rid[: -len("_seg")]
-    for src, pats in (patterns or BUILTIN_ID_PATTERNS).items():
-        if any(re.fullmatch(p, rid) for p in pats):
-            return src
-    return UNKNOWN
-
-
-def release_id_for(source: str, key: str) -> str:
-    """Release ID in the source's own spelling.
-
-    COLONOG and HNSCC: the patient folder (the archive's public PatientID, e.g.
-    ``1.3.6.1.4.1.9328.50.4.0001``, ``HN_P001``). MSD T10: the file stem (``liver_12``).
-    COVID-19: the file stem with ``_ct`` (``volume-covid19-A-0014_ct``), as the release spells it.
-    """
-    if source == "COVID19" and not key.endswith("_ct"):
-        return f"{key}_ct"
-    return key
-
-
 # ============================================================================ discovery
 
 
@@ -366,7 +309,7 @@ def discover_candidates(sources_dir: str | Path, sources: Sequence[str] = SOURCE
             for f in sorted(base.glob(pattern)):
                 if f.name.startswith(".") or not f.name.endswith((".nii", ".nii.gz")):
                     continue
-                stem = strip_id(f)
+                stem = strip_nifti_suffix(f)
                 out.append(Candidate(source=src, patient=stem, source_key=stem, kind="nifti", files=[str(f)],
                                      n_files=1))
     return out
@@ -485,7 +428,7 @@ def select_series(cands: Sequence[Candidate], cfg: CurationConfig,
     if cfg.path_csv is not None:
         for row in read_path_table(cfg.path_csv):
             table_rows[row[0]] = row
-    listed = {strip_id(i) for i in listed_ids} if listed_ids is not None else None
+    listed = {strip_nifti_suffix(i) for i in listed_ids} if listed_ids is not None else None
     by_patient: dict[tuple[str, str], list[Candidate]] = defaultdict(list)
     for c in cands:
         if c._error:
@@ -547,18 +490,6 @@ def select_series(cands: Sequence[Candidate], cfg: CurationConfig,
 
 
 # ============================================================================ measuring
-
-
-def _canonical_geometry(affine: np.ndarray, shape: Sequence[int]) -> tuple[tuple[float, ...], tuple[int, ...]]:
-    """Spacing and shape in RAS axis order (x, y, z) for any stored orientation."""
-    ornt = orientations.io_orientation(affine)
-    sp = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-    out_sp, out_sh = [0.0] * 3, [0] * 3
-    for i in range(3):
-        j = int(ornt[i, 0])
-        out_sp[j] = float(sp[i])
-        out_sh[j] = int(shape[i])
-    return tuple(out_sp), tuple(out_sh)
 
 
 def _age_band(summary: Mapping[str, Any], width: int = 10) -> str:
@@ -678,7 +609,7 @@ def process_series(job: dict) -> dict:
                                else str(e.get_content()) for e in h.extensions)
                 save_volume(arr, affine, staged, descrip=h["descrip"].tobytes().rstrip(b"\0").decode("latin-1"),
                             aux_file=h["aux_file"].tobytes().rstrip(b"\0").decode("latin-1"), extension_text=ext)
-        sp, sh = _canonical_geometry(affine, arr.shape)
+        sp, sh = canonical_geometry(affine, arr.shape)
         canon = np.moveaxis(arr, slice_axis, 2) if slice_axis != 2 else arr
         rec["measures"].update(
             spacing_mm=[round(s, 5) for s in sp], shape=list(sh), n_slices=int(arr.shape[slice_axis]),
@@ -921,128 +852,6 @@ class SplitResult:
         return count_by_source_split(self.assignment, patterns)
 
 
-def count_by_source_split(assignment: Mapping[str, str], patterns: Mapping[str, Sequence[str]] | None = None
-                          ) -> pd.DataFrame:
-    """Per-source, per-split counts of a ``{release_id: split}`` map; unknown spellings are
-    counted under ``unknown`` (and named by :func:`unknown_ids`)."""
-    srcs = list(dict.fromkeys([*(patterns or BUILTIN_ID_PATTERNS), UNKNOWN]))
-    tab = pd.DataFrame(0, index=srcs, columns=list(SPLITS), dtype=int)
-    for rid, split in assignment.items():
-        tab.loc[infer_source(rid, patterns), split] += 1
-    tab = tab[(tab.sum(axis=1) > 0) | tab.index.isin(SOURCES)]
-    tab.loc["total"] = tab.sum(axis=0)
-    tab["all"] = tab[list(SPLITS)].sum(axis=1)
-    tab.index.name = "source"
-    return tab.reset_index()
-
-
-def unknown_ids(ids: Iterable[str], patterns: Mapping[str, Sequence[str]] | None = None) -> list[str]:
-    """IDs whose spelling matches no source pattern, sorted."""
-    return sorted(strip_id(i) for i in ids if infer_source(i, patterns) == UNKNOWN)
-
-
-def read_split_file(path: str | Path) -> tuple[dict[str, str], list[str]]:
-    """Read an official ``data_split.txt``: lines ``trainset:``, ``test_public:``,
-    ``test_private:``, each followed by image file names.
-
-    Tolerates blank lines, spaces, Windows line ends and a line where two file names ran
-    together (``A.nii.gzB.nii.gz``, as in the published file), which is split and noted.
-
-    Returns:
-        ``({release_id: split}, notes)``.
-
-    Raises:
-        FileNotFoundError / ValueError: missing file; a name before any section header; an
-        unknown section; an ID listed in two splits — naming the file and line.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: split file not found")
-    out: dict[str, str] = {}
-    notes: list[str] = []
-    split = None
-    for n, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        line = raw.strip()
-        if not line:
-            continue
-        if line.endswith(":"):
-            name = line[:-1].strip()
-            if name not in SPLITS:
-                raise ValueError(f"{path}, line {n}: unknown section {line!r}; expected one of {[s + ':' for s in SPLITS]}")
-            split = name
-            continue
-        if split is None:
-            raise ValueError(f"{path}, line {n}: file name {line!r} before any 'trainset:' / 'test_public:' / 'test_private:' line")
-        names = [x + ".nii.gz" for x in line.split(".nii.gz") if x] if line.count(".nii.gz") > 1 else [line]
-        if len(names) > 1:
-            notes.append(f"{path.name}, line {n}: {len(names)} file names ran together; read as {names}")
-        for name in names:
-            rid = strip_id(name)
-            if rid in out and out[rid] != split:
-                raise ValueError(f"{path}, line {n}: {rid} listed in both {out[rid]} and {split}")
-            if rid in out:
-                notes.append(f"{path.name}, line {n}: {rid} listed twice in {split}")
-            out[rid] = split
-    return out, notes
-
-
-def write_split_file(path: str | Path, assignment: Mapping[str, str]) -> Path:
-    """Write ``data_split.txt`` in the official format (sections in release order, names sorted
-    within each, ``.nii.gz`` file names, a blank line between sections)."""
-    blocks = []
-    for s in SPLITS:
-        names = sorted(f"{rid}.nii.gz" for rid, sp in assignment.items() if sp == s)
-        blocks.append(f"{s}:\n" + "".join(n + "\n" for n in names))
-    return write_text(path, "\n".join(blocks))
-
-
-def paper_fractions(source: str) -> tuple[float, float, float]:
-    """The paper's train/public/private proportions of a source (all sources pooled for an
-    unknown one: 610/197/198)."""
-    counts = PAPER_SPLIT_COUNTS.get(source)
-    if counts is None:
-        tot = [sum(PAPER_SPLIT_COUNTS[s][sp] for s in PAPER_SPLIT_COUNTS) for sp in SPLITS]
-    else:
-        tot = [counts[sp] for sp in SPLITS]
-    return tuple(t / sum(tot) for t in tot)
-
-
-def _largest_remainder(n: int, fractions: Sequence[float]) -> list[int]:
-    raw = [n * f for f in fractions]
-    base = [int(math.floor(r)) for r in raw]
-    rest = n - sum(base)
-    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - base[i]), i))
-    for i in order[:rest]:
-        base[i] += 1
-    return base
-
-
-def split_stratified(ids: Sequence[str], seed: int, patterns: Mapping[str, Sequence[str]] | None = None,
-                     fractions: Mapping[str, Sequence[float]] | None = None) -> dict[str, str]:
-    """Seeded split stratified by source with the paper's proportions per source.
-
-    Within each source the IDs are sorted, permuted by a generator seeded with (seed, source)
-    and cut by largest-remainder counts, so the same seed and IDs give the same split, and
-    adding a source does not reshuffle the others. IDs of unknown spelling form their own
-    stratum with the pooled proportions.
-    """
-    groups: dict[str, list[str]] = defaultdict(list)
-    for rid in ids:
-        groups[infer_source(rid, patterns)].append(rid)
-    out: dict[str, str] = {}
-    for src, members in groups.items():
-        members = sorted(members)
-        fr = (fractions or {}).get(src) or paper_fractions(src)
-        counts = _largest_remainder(len(members), fr)
-        perm = stable_rng(seed, "split", src, nbytes=6).permutation(len(members))
-        k = 0
-        for split, c in zip(SPLITS, counts, strict=True):
-            for i in perm[k:k + c]:
-                out[members[int(i)]] = split
-            k += c
-    return out
-
-
 def assign_splits(release_ids: Sequence[str], cfg: CurationConfig,
                   file_assignment: Mapping[str, str] | None = None) -> SplitResult:
     """Splits for the included cases: from the split file when given (IDs it does not list are
@@ -1070,18 +879,6 @@ def assign_splits(release_ids: Sequence[str], cfg: CurationConfig,
 
 
 # ============================================================================ release layout
-
-
-def _move(src: Path, dst: Path) -> None:
-    """Move a file into place atomically (rename; across file systems: copy to a temporary
-    file beside ``dst``, rename, then remove ``src``)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(src, dst)
-    except OSError:
-        with atomic_path(dst) as tmp:
-            shutil.copyfile(src, tmp)
-        src.unlink()
 
 
 @dataclass
@@ -1112,12 +909,12 @@ def place_release(included: Sequence[IncludedCase], assignment: Mapping[str, str
     wanted = {c.release_id for c in included}
     for s in SPLITS:
         for f in sorted((cfg.release_dir / s / "data").glob("*.nii.gz")):
-            rid = strip_id(f)
+            rid = strip_nifti_suffix(f)
             if rid not in wanted:
-                _move(f, cfg.work_dir / "orphans" / f"{s}__{f.name}")
+                move_atomic(f, cfg.work_dir / "orphans" / f"{s}__{f.name}")
                 mask = cfg.release_dir / s / "gt" / f"{rid}_seg.nii.gz"
                 if mask.exists():
-                    _move(mask, cfg.work_dir / "orphans" / f"{s}__{mask.name}")
+                    move_atomic(mask, cfg.work_dir / "orphans" / f"{s}__{mask.name}")
                 manifest.pop(rid, None)
                 _write_manifest(cfg, manifest)
                 rep.stale.append(rid)
@@ -1125,7 +922,7 @@ def place_release(included: Sequence[IncludedCase], assignment: Mapping[str, str
         split = assignment[c.release_id]
         dst = cfg.release_dir / split / "data" / f"{c.release_id}.nii.gz"
         if c.staged.exists():
-            _move(c.staged, dst)
+            move_atomic(c.staged, dst)
             for s in SPLITS:  # an older file of this ID elsewhere is superseded
                 old = cfg.release_dir / s / "data" / f"{c.release_id}.nii.gz"
                 if s != split and old.exists():
@@ -1137,14 +934,14 @@ def place_release(included: Sequence[IncludedCase], assignment: Mapping[str, str
                 raise FileNotFoundError(f"{c.release_id}: converted image neither staged nor in the release "
                                         f"(delete {cfg.work_dir / 'records'} and re-run)")
             if cur != dst:
-                _move(cur, dst)
+                move_atomic(cur, dst)
                 rep.moved_between_splits.append(c.release_id)
             else:
                 rep.already_in_place += 1
         for s in SPLITS:  # the mask follows the image
             mask = cfg.release_dir / s / "gt" / f"{c.release_id}_seg.nii.gz"
             if s != split and mask.exists():
-                _move(mask, cfg.release_dir / split / "gt" / mask.name)
+                move_atomic(mask, cfg.release_dir / split / "gt" / mask.name)
         manifest[c.release_id] = {"source_key": c.source_key, "split": split}
         _write_manifest(cfg, manifest)
     return rep
@@ -1207,302 +1004,10 @@ def write_metadata_sheets(included: Sequence[IncludedCase], assignment: Mapping[
     return written
 
 
-def find_special_cases(release_dir: str | Path, min_gap_mm: float = 20.0) -> dict[str, list[str]]:
-    """Special cases from the release masks (``gt/<ID>_seg.nii.gz``).
-
-    * ``L6``: sacral lumbarization, label 25 (L6) present.
-    * ``lumbar_sacralization``: L4 present, L5 and L6 absent, and the scan reaches at least
-      ``min_gap_mm`` below L4 (so L5 would have been in the field of view).
-
-    Returns:
-        ``{"L6": [...], "lumbar_sacralization": [...], "masks": [...all IDs with a mask]}``.
-    """
-    out: dict[str, list[str]] = {"L6": [], "lumbar_sacralization": [], "masks": []}
-    for split in SPLITS:
-        for m in sorted((Path(release_dir) / split / "gt").glob("*_seg.nii.gz")):
-            rid = strip_id(m)[: -len("_seg")]
-            st = _mask_stats(m, min_gap_mm)
-            out["masks"].append(rid)
-            if st["L6"]:
-                out["L6"].append(rid)
-            if st["sacralization"]:
-                out["lumbar_sacralization"].append(rid)
-    return {k: sorted(v) for k, v in out.items()}
-
-
-def _mask_stats(mask_path: Path, min_gap_mm: float = 20.0) -> dict[str, Any]:
-    v = load_volume(mask_path)
-    arr = np.asarray(v.array)
-    present = [int(x) for x in np.unique(arr) if x in L.LABELS]
-    regions = Counter(L.region(x) for x in present)
-    sacral = False
-    if 23 in present and 24 not in present and 25 not in present:
-        k_lowest = int(np.flatnonzero((arr == 23).any(axis=(0, 1)))[0])
-        sacral = k_lowest * v.spacing[2] >= min_gap_mm
-    return {"labels": present, "vertebrae": len(present), "cervical": regions.get("cervical", 0),
-            "thoracic": regions.get("thoracic", 0), "lumbar": regions.get("lumbar", 0), "L6": 25 in present,
-            "sacralization": sacral}
-
-
-def write_readme(release_dir: str | Path, assignment: Mapping[str, str] | None = None,
-                 patterns: Mapping[str, Sequence[str]] | None = None, special: Mapping[str, list[str]] | None = None
-                 ) -> Path:
-    """``readme.txt`` of the release: layout, sources and counts per split, special cases.
-
-    The special cases (L6 / lumbar sacralization) are read from the masks when ``gt/`` holds
-    any (or taken from ``special``); before annotation the section says they are pending.
-    """
-    release_dir = Path(release_dir)
-    if assignment is None:
-        assignment = {strip_id(f): s for s in SPLITS for f in (release_dir / s / "data").glob("*.nii.gz")}
-    counts = count_by_source_split(assignment, patterns)
-    special = dict(special) if special is not None else find_special_cases(release_dir)
-    lines = [
-        "CTSpine1K-style release (curated by the spine1k workspace, stage 01_curation)",
-        "",
-        "Layout:",
-        "  {trainset,test_public,test_private}/data/<ID>.nii.gz   CT, int16 Hounsfield units",
-        "  {trainset,test_public,test_private}/gt/<ID>_seg.nii.gz  vertebra labels 1-25 (C1-C7, T1-T12, L1-L6)",
-        "  metadata_colonog.xlsx, metadata_neck.xlsx               non-identifying acquisition tags",
-        "  data_split.txt                                          the split, official format",
-        "",
-        "IDs keep the sources' spellings: COLONOG 1.3.6.1.4.1.9328.50.4.0xxx (or CTC-xxxxxxxxxx),",
-        "HNSCC HN_Pxxx, MSD T10 liver_xxx, COVID-19 volume-covid19-A-0xxx_ct.",
-        "Images are de-identified: no names, dates, institutions or accession numbers in file",
-        "names, NIfTI headers or sheets (checked by a byte-level audit of every output file).",
-        "",
-        "Cases per source and split:",
-        counts.to_string(index=False),
-        "",
-        "Labels: " + ", ".join(f"{v}={L.name(v)}" for v in L.CTSPINE1K_LABELS),
-        "",
-        "Special cases:",
-    ]
-    if not special.get("masks"):
-        lines.append("  pending: listed here once the annotation rounds have filled gt/")
-    else:
-        lines.append(f"  masks present for {len(special['masks'])} case(s)")
-        lines.append(f"  sacral lumbarization (L6 labelled as 25): {len(special['L6'])}")
-        lines += [f"    {r}" for r in special["L6"]]
-        lines.append(f"  lumbar sacralization (no L5: L4 lowest, scan reaches below): {len(special['lumbar_sacralization'])}")
-        lines += [f"    {r}" for r in special["lumbar_sacralization"]]
-    return write_text(release_dir / "readme.txt", "\n".join(lines) + "\n")
-
-
 # ============================================================================ Table 1
 
 
-def _release_dir(paths_or_release_dir: ProfilePaths | str | Path) -> Path:
-    return paths_or_release_dir.release if isinstance(paths_or_release_dir, ProfilePaths) else Path(paths_or_release_dir)
-
-
-def release_inventory(paths_or_release_dir: ProfilePaths | str | Path, with_masks: bool = False,
-                      patterns: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:
-    """One row per release image: ID, split, source, spacing and size in RAS order (from the
-    NIfTI header only), and with ``with_masks`` the mask's vertebra counts."""
-    rd = _release_dir(paths_or_release_dir)
-    rows = []
-    for split in SPLITS:
-        for f in sorted((rd / split / "data").glob("*.nii.gz")):
-            rid = strip_id(f)
-            try:
-                img = nib.load(str(f))
-            except Exception as exc:
-                raise NiftiReadError(f"{f}: unreadable NIfTI header ({exc})") from exc
-            sp, sh = _canonical_geometry(img.affine, img.shape[:3])
-            row = {"release_id": rid, "split": split, "source": infer_source(rid, patterns),
-                   "spacing_x_mm": sp[0], "spacing_y_mm": sp[1], "spacing_z_mm": sp[2],
-                   "size_x": sh[0], "size_y": sh[1], "size_z": sh[2]}
-            if with_masks:
-                m = rd / split / "gt" / f"{rid}_seg.nii.gz"
-                row["has_mask"] = m.exists()
-                if m.exists():
-                    st = _mask_stats(m)
-                    row.update({k: st[k] for k in ("vertebrae", "cervical", "thoracic", "lumbar")})
-                    row["L6"], row["sacralization"] = st["L6"], st["sacralization"]
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def has_masks(paths_or_release_dir: ProfilePaths | str | Path) -> bool:
-    """True when any ``<split>/gt/*_seg.nii.gz`` exists in the release."""
-    rd = _release_dir(paths_or_release_dir)
-    return any(next((rd / s / "gt").glob("*_seg.nii.gz"), None) is not None for s in SPLITS)
-
-
-def build_table1(paths_or_release_dir: ProfilePaths | str | Path, with_masks: bool = False,
-                 patterns: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:
-    """Table 1 of the release, side by side with the paper's.
-
-    Rows: every source x split, the source over all splits (``split == "all"``), and
-    ``total``. Columns: ``patients``; mean and SD of the spacing (x, y, z) mm; mean size;
-    with ``with_masks``: cases with a mask, labelled vertebrae (all / cervical / thoracic /
-    lumbar), L6 cases and lumbar sacralization cases (:func:`find_special_cases` rules); and the
-    paper's values (``paper_patients``, ``paper_spacing_mm``, ``paper_size``, and with masks
-    ``paper_vertebrae`` etc. on the total row).
-
-    Args:
-        paths_or_release_dir: a :class:`lib.paths.ProfilePaths` or the release folder.
-        with_masks: read ``gt/`` masks (needs the annotation stage to have run).
-        patterns: release-ID pattern table (default: built-in).
-    """
-    inv = release_inventory(paths_or_release_dir, with_masks, patterns)
-    cols_sp = ["spacing_x_mm", "spacing_y_mm", "spacing_z_mm"]
-    cols_sz = ["size_x", "size_y", "size_z"]
-    srcs = [s for s in [*SOURCES, *sorted(set(inv.get("source", pd.Series(dtype=str))) - set(SOURCES))]]
-    groups: list[tuple[str, str, pd.DataFrame]] = []
-    for src in srcs:
-        sub = inv[inv["source"] == src] if len(inv) else inv
-        for split in SPLITS:
-            groups.append((src, split, sub[sub["split"] == split] if len(sub) else sub))
-        groups.append((src, "all", sub))
-    for split in SPLITS:
-        groups.append(("total", split, inv[inv["split"] == split] if len(inv) else inv))
-    groups.append(("total", "all", inv))
-    rows = []
-    for src, split, g in groups:
-        row: dict[str, Any] = {"source": src, "split": split, "patients": int(len(g))}
-        for c in cols_sp:
-            row[c] = round(float(g[c].mean()), 3) if len(g) else np.nan
-            row[c.replace("spacing", "sd")] = round(float(g[c].std(ddof=0)), 3) if len(g) else np.nan
-        for c in cols_sz:
-            row[f"mean_{c}"] = round(float(g[c].mean()), 1) if len(g) else np.nan
-        row["spacing_mm"] = (" x ".join(f"{row[c]:.2f}±{row[c.replace('spacing', 'sd')]:.2f}" for c in cols_sp)
-                             if len(g) else "")
-        row["size"] = " x ".join(f"{row[f'mean_{c}']:.0f}" for c in cols_sz) if len(g) else ""
-        if with_masks:
-            gm = g[g["has_mask"]] if len(g) and "has_mask" in g else g.iloc[0:0]
-            row["cases_with_mask"] = int(len(gm))
-            for k in ("vertebrae", "cervical", "thoracic", "lumbar"):
-                row[k] = int(gm[k].sum()) if len(gm) else 0
-            row["L6_cases"] = int(gm["L6"].sum()) if len(gm) else 0
-            row["sacralization_cases"] = int(gm["sacralization"].sum()) if len(gm) else 0
-        paper = PAPER_TABLE1.get(src)
-        if src in PAPER_SPLIT_COUNTS:
-            row["paper_patients"] = PAPER_SPLIT_COUNTS[src][split] if split in SPLITS else paper["patients"]
-            row["paper_spacing_mm"] = " x ".join(f"{v:.2f}" for v in paper["spacing_mm"])
-            row["paper_size"] = " x ".join(str(v) for v in paper["size"])
-        elif src == "total":
-            row["paper_patients"] = (sum(PAPER_SPLIT_COUNTS[s][split] for s in PAPER_SPLIT_COUNTS)
-                                     if split in SPLITS else PAPER_TOTALS["patients"])
-            row["paper_spacing_mm"] = row["paper_size"] = ""
-            if with_masks and split == "all":
-                for k in ("vertebrae", "cervical", "thoracic", "lumbar", "L6_cases", "sacralization_cases"):
-                    row[f"paper_{k}"] = PAPER_TOTALS[k]
-        else:
-            row["paper_patients"] = np.nan
-            row["paper_spacing_mm"] = row["paper_size"] = ""
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    keep = (df["patients"] > 0) | df["source"].isin([*SOURCES, "total"])
-    return df[keep].reset_index(drop=True)
-
-
 # ============================================================================ exports
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard link ``src`` at ``dst`` (same file system), else an atomic copy; skip when ``dst``
-    already holds the same bytes (same size and mtime, or the same inode)."""
-    if dst.exists():
-        a, b = src.stat(), dst.stat()
-        if (a.st_ino == b.st_ino and a.st_dev == b.st_dev) or (a.st_size == b.st_size and int(a.st_mtime) <= int(b.st_mtime)):
-            return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dst) as tmp:
-        tmp.unlink()
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copy2(src, tmp)
-
-
-def export_nnunet(release_dir: str | Path, out_dir: str | Path, dataset_id: int = 501, name: str = "CTSpine1K",
-                  test_splits: Sequence[str] = ("test_public", "test_private"), check: bool = True) -> Path:
-    """Export the release as an nnU-Net v2 raw dataset.
-
-    ``<out_dir>/DatasetNNN_<name>/imagesTr/<ID>_0000.nii.gz`` + ``labelsTr/<ID>.nii.gz`` for
-    every trainset case with a mask (``gt/<ID>_seg.nii.gz``), ``imagesTs/<ID>_0000.nii.gz``
-    for the test splits, and ``dataset.json`` (``channel_names`` CT, ``labels`` background
-    plus C1..L6 from :mod:`lib.labels`, ``numTraining``, ``file_ending``). Files are hard
-    links where possible (else copies), written atomically; re-running skips what is there.
-    Trainset cases without a mask, or whose mask fails :func:`lib.io.check_pair`, are
-    skipped and listed in ``skipped.txt``; files of cases no longer in a split are removed.
-
-    Returns:
-        The dataset folder.
-    """
-    rd = Path(release_dir)
-    ds = Path(out_dir) / f"Dataset{int(dataset_id):03d}_{name}"
-    training, test, skipped = [], [], []
-    for f in sorted((rd / "trainset" / "data").glob("*.nii.gz")):
-        rid = strip_id(f)
-        m = rd / "trainset" / "gt" / f"{rid}_seg.nii.gz"
-        if not m.exists():
-            skipped.append(f"{rid}: no mask in trainset/gt yet")
-            continue
-        if check:
-            faults = check_pair(f, m, allowed_labels=L.CTSPINE1K_LABELS)
-            if faults:
-                skipped.append(f"{rid}: " + "; ".join(x.message for x in faults))
-                continue
-        _link_or_copy(f, ds / "imagesTr" / f"{rid}_0000.nii.gz")
-        _link_or_copy(m, ds / "labelsTr" / f"{rid}.nii.gz")
-        training.append(rid)
-    for split in test_splits:
-        for f in sorted((rd / split / "data").glob("*.nii.gz")):
-            rid = strip_id(f)
-            _link_or_copy(f, ds / "imagesTs" / f"{rid}_0000.nii.gz")
-            test.append(rid)
-    expected = {"imagesTr": {f"{r}_0000.nii.gz" for r in training}, "labelsTr": {f"{r}.nii.gz" for r in training},
-                "imagesTs": {f"{r}_0000.nii.gz" for r in test}}
-    for sub, names in expected.items():  # cases that left a split since the last export
-        (ds / sub).mkdir(parents=True, exist_ok=True)
-        for f in (ds / sub).glob("*.nii.gz"):
-            if f.name not in names:
-                f.unlink()
-    body = {"channel_names": {"0": "CT"},
-            "labels": {"background": 0, **{L.name(v): v for v in L.CTSPINE1K_LABELS}},
-            "numTraining": len(training), "file_ending": ".nii.gz",
-            "name": name, "description": "CTSpine1K-style release exported by the spine1k workspace",
-            "reference": "Deng et al., CTSpine1K", "licence": "see the sources' licences",
-            "test_splits": list(test_splits)}
-    write_text(ds / "dataset.json", json.dumps(body, indent=2) + "\n")
-    write_text(ds / "skipped.txt", "".join(s + "\n" for s in skipped))
-    return ds
-
-
-def export_verse_centroids(release_dir: str | Path, out_dir: str | Path,
-                           direction: Sequence[str] = ("P", "I", "R")) -> list[Path]:
-    """Write VerSe-style centroid files from the release masks.
-
-    For every ``<split>/gt/<ID>_seg.nii.gz``: ``<out_dir>/<split>/<ID>_seg-subreg_ctd.json`` =
-    ``[{"direction": [...]}, {"label": L, "X": .., "Y": .., "Z": ..}, ...]``: the centre of mass
-    of each label in voxel coordinates of the image reoriented to ``direction`` (a reversed
-    axis counts ``n - 1 - i``), labels in craniocaudal order. Atomic writes.
-    """
-    rd, out = Path(release_dir), Path(out_dir)
-    written = []
-    target = orientations.axcodes2ornt(tuple(direction))
-    for split in SPLITS:
-        for m in sorted((rd / split / "gt").glob("*_seg.nii.gz")):
-            img = nib.load(str(m))
-            arr = np.asarray(img.dataobj)
-            tr = orientations.ornt_transform(orientations.io_orientation(img.affine), target)
-            body: list[dict] = [{"direction": list(direction)}]
-            present = [int(v) for v in np.unique(arr) if v in L.LABELS]
-            from scipy import ndimage
-
-            coms = ndimage.center_of_mass(np.ones_like(arr, dtype=np.uint8), arr, present) if present else []
-            for lab, com in sorted(zip(present, coms, strict=True), key=lambda t: L.level_index(t[0])):
-                xyz = [0.0, 0.0, 0.0]
-                for i in range(3):
-                    j, flip = int(tr[i, 0]), tr[i, 1]
-                    xyz[j] = com[i] if flip > 0 else (arr.shape[i] - 1) - com[i]
-                body.append({"label": lab, "X": round(xyz[0], 3), "Y": round(xyz[1], 3), "Z": round(xyz[2], 3)})
-            rid = strip_id(m)[: -len("_seg")]
-            written.append(write_text(out / split / f"{rid}_seg-subreg_ctd.json", json.dumps(body, indent=1) + "\n"))
-    return written
 
 
 # ============================================================================ PHI audit
@@ -1985,7 +1490,7 @@ def plot_release_previews(release_dir: str | Path, path: str | Path,
         sl = a[a.shape[0] // 2].T  # (z, y)
         sx, sy, sz = v.spacing
         ax.imshow(sl, cmap="gray", vmin=-400, vmax=1200, origin="lower", aspect=sz / sy)
-        ax.set_title(f"{src}\n{strip_id(f)[:26]}", fontsize=8)
+        ax.set_title(f"{src}\n{strip_nifti_suffix(f)[:26]}", fontsize=8)
         ax.axis("off")
     fig.suptitle("Release images: mid-sagittal, bone window")
     fig.tight_layout()
@@ -1994,8 +1499,3 @@ def plot_release_previews(release_dir: str | Path, path: str | Path,
     return path
 
 
-def table1_markdown(t1: pd.DataFrame) -> str:
-    """Compact text rendering of Table 1 (ours vs paper) for notebooks and reports."""
-    cols = [c for c in ("source", "split", "patients", "paper_patients", "spacing_mm", "paper_spacing_mm", "size",
-                        "paper_size", "vertebrae", "L6_cases", "sacralization_cases") if c in t1]
-    return t1[cols].to_string(index=False)

@@ -28,16 +28,20 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 from nibabel import orientations as nib_orient
 
 from lib.core.seeding import stable_rng, stable_seed
+from lib.datasets.ctspine1k.ids import release_id_for
+from lib.datasets.ctspine1k.split_file import write_split_file
+from lib.datasets.downloads import VerifyReport, verify_sources  # noqa: F401  (temporary)
+from lib.datasets.paper_facts import PAPER_SPLIT_COUNTS, PAPER_TABLE1, PAPER_VARIANTS  # noqa: F401
+from lib.datasets.verse import read_verse_centroids, write_verse_centroids  # noqa: F401
 from lib.imaging.resampling import reorient_array
 from lib.io import atomic_path, save_volume
 from lib.io.dicom_write import deterministic_uid, format_ds, write_dicom_series
@@ -45,23 +49,9 @@ from lib.io.dicom_write import deterministic_uid, format_ds, write_dicom_series
 # ============================================================================ synthetic sources
 
 SOURCES = ("COLONOG", "HNSCC", "MSD_T10", "COVID19", "VerSe")
+SPLIT_ORDER = ("trainset", "test_public", "test_private")
 CTSPINE1K_SOURCES = ("COLONOG", "HNSCC", "MSD_T10", "COVID19")
 
-#: Paper facts (DESIGN §6) for side-by-side tables: patients, mean spacing (x, y, z) mm,
-#: mean matrix size.
-PAPER_TABLE1 = {
-    "COLONOG": dict(patients=784, spacing=(0.75, 0.75, 0.81), size=(512, 512, 542)),
-    "HNSCC": dict(patients=31, spacing=(1.09, 1.09, 2.0), size=(512, 512, 202)),
-    "MSD_T10": dict(patients=150, spacing=(0.77, 0.77, 1.55), size=(512, 512, 478)),
-    "COVID19": dict(patients=40, spacing=(0.79, 0.79, 4.5), size=(512, 512, 93)),
-    "VerSe": dict(patients=300, spacing=(0.81, 0.81, 0.88), size=None),
-}
-#: Variant rates reported by the papers.
-PAPER_VARIANTS = {
-    "CTSpine1K": dict(cases=1005, sacral_lumbarization_L6=17, lumbar_sacralization_L5_missing=11),
-    "VerSe2020_lumbar": {4: 3, 5: 165, 6: 85},
-    "VerSe2020_thoracic": {11: 8, 12: 131, 13: 6},
-}
 
 _SURNAMES = ("MILLER", "GARCIA", "NGUYEN", "SMITH", "KOWALSKI", "MUELLER", "ROSSI", "TANAKA", "DUBOIS",
              "OKAFOR", "LINDQVIST", "HASSAN", "NOVAK", "SILVA", "MURPHY", "PETROV")
@@ -325,70 +315,6 @@ def plan_sources(cfg: Mapping[str, object]) -> list[dict]:
 # ----------------------------------------------------------------------------- writing
 
 
-def write_verse_centroids(path: Path, centroids: Mapping[int, Sequence[float]], affine: np.ndarray,
-                          shape: Sequence[int], direction: Sequence[str] = ("P", "I", "R"), decimals: int = 3) -> Path:
-    """Write a VerSe ``_ctd.json``: ``[{"direction": [...]}, {"label", "X", "Y", "Z"}, ...]``.
-
-    Args:
-        path: output ``..._seg-subreg_ctd.json``.
-        centroids: {label: (x, y, z)} in world mm (RAS).
-        affine, shape: geometry of the CT file as stored (the json refers to its voxel grid).
-        direction: axis codes of the coordinate system: X, Y, Z are voxel indices of the CT
-            reoriented to these directions (a flipped axis counts ``n - 1 - i``).
-    """
-    ornt_img = nib_orient.io_orientation(affine)
-    tr = nib_orient.ornt_transform(ornt_img, nib_orient.axcodes2ornt(tuple(direction)))
-    inv = np.linalg.inv(np.asarray(affine, float))
-    body: list[dict] = [{"direction": list(direction)}]
-    for lab in sorted(centroids, key=lambda v: (19.5 if v == 28 else v)):
-        vox = (inv @ np.array([*centroids[lab], 1.0]))[:3]
-        out = np.zeros(3)
-        for i in range(3):
-            j, flip = int(tr[i, 0]), tr[i, 1]
-            out[j] = vox[i] if flip > 0 else (shape[i] - 1) - vox[i]
-        body.append({"label": int(lab), "X": round(float(out[0]), decimals), "Y": round(float(out[1]), decimals),
-                     "Z": round(float(out[2]), decimals)})
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(body, indent=1))
-    return path
-
-
-def read_verse_centroids(path: Path, affine: np.ndarray, shape: Sequence[int]) -> dict[int, tuple[float, float, float]]:
-    """Read a VerSe ``_ctd.json`` into {label: (x, y, z) world mm, RAS} given the CT geometry.
-
-    Raises:
-        ValueError: no ``direction`` entry, or an entry without label/X/Y/Z; names the file.
-    """
-    data = json.loads(Path(path).read_text())
-    if isinstance(data, dict) and "vertebralCentroids" in data:  # VerSe 2019 variant
-        data = data["vertebralCentroids"]
-    dirs = [d["direction"] for d in data if isinstance(d, dict) and "direction" in d]
-    if not dirs:
-        raise ValueError(f"{path}: no 'direction' entry")
-    ornt_img = nib_orient.io_orientation(affine)
-    tr = nib_orient.ornt_transform(ornt_img, nib_orient.axcodes2ornt(tuple(dirs[0])))
-    A = np.asarray(affine, float)
-    out: dict[int, tuple[float, float, float]] = {}
-    for d in data:
-        if "direction" in d:
-            continue
-        try:
-            coords = np.array([float(d["X"]), float(d["Y"]), float(d["Z"])])
-            lab = int(d["label"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: bad centroid entry {d!r} ({exc})") from None
-        if not np.all(np.isfinite(coords)):
-            continue
-        vox = np.zeros(3)
-        for i in range(3):
-            j, flip = int(tr[i, 0]), tr[i, 1]
-            vox[i] = coords[j] if flip > 0 else (shape[i] - 1) - coords[j]
-        w = A @ np.array([*vox, 1.0])
-        out[lab] = (float(w[0]), float(w[1]), float(w[2]))
-    return out
-
-
 def _dicom_view(ct: np.ndarray, affine: np.ndarray, patient_position: str) -> tuple[np.ndarray, np.ndarray]:
     """Array/affine as a scanner stores them: HFS rows run R->L and columns A->P
     (ImageOrientationPatient 1,0,0,0,1,0); HFP is turned over (-1,0,0,0,-1,0)."""
@@ -610,11 +536,6 @@ def generate_sources(paths, cfg: Mapping[str, object], workers: int = 0, on_erro
     return GenerationReport(index=index, timings=pd.DataFrame(timings), failures=list(res.failures), skipped=skipped)
 
 
-PAPER_SPLIT_COUNTS = {"COLONOG": (480, 152, 152), "HNSCC": (20, 5, 6), "MSD_T10": (90, 30, 30),
-                      "COVID19": (20, 10, 10)}
-"""CTSpine1K Table 1: patients per source in trainset / test_public / test_private."""
-
-
 def official_split(index: pd.DataFrame, seed: int, min_per_test_split: dict[str, int] | None = None
                    ) -> dict[str, str]:
     """The synthetic release's official split (``{release_id: split}``), as CTSpine1K ships one.
@@ -626,8 +547,6 @@ def official_split(index: pd.DataFrame, seed: int, min_per_test_split: dict[str,
     minimum), within each source's test-slot counts; the rest is seeded and random. Only
     good-quality volumes are listed (a real release ships no discarded scan).
     """
-    from lib.curation import release_id_for
-
     minimum = {"L6": 3, "L5_missing": 2} if min_per_test_split is None else dict(min_per_test_split)
     ok = index[(index["quality"] == "ok") & index["source"].isin(list(PAPER_SPLIT_COUNTS))]
     patients: dict[str, tuple[str, str]] = {}  # release id -> (source, variant)
@@ -636,7 +555,8 @@ def official_split(index: pd.DataFrame, seed: int, min_per_test_split: dict[str,
         patients.setdefault(release_id_for(r.source, str(key)), (r.source, str(r.variant)))
     rng = np.random.default_rng(seed)
     slots: dict[tuple[str, str], int] = {}
-    for src, counts in PAPER_SPLIT_COUNTS.items():
+    for src, per_split in PAPER_SPLIT_COUNTS.items():
+        counts = tuple(per_split[s] for s in SPLIT_ORDER)
         n = sum(1 for s, _ in patients.values() if s == src)
         frac = np.asarray(counts, float) / sum(counts)
         pub, priv = int(round(n * frac[1])), int(round(n * frac[2]))
@@ -671,8 +591,6 @@ def official_split(index: pd.DataFrame, seed: int, min_per_test_split: dict[str,
 
 def write_official_split(path: Path, index: pd.DataFrame, seed: int) -> Path:
     """Write :func:`official_split` as ``data_split.txt`` in the release's official format."""
-    from lib.curation import write_split_file
-
     return write_split_file(path, official_split(index, seed))
 
 
@@ -785,138 +703,12 @@ def summarize_sources(index: pd.DataFrame) -> pd.DataFrame:
             mean_spacing_mm="({:.2f}, {:.2f}, {:.2f})".format(sub["spacing_x_mm"].mean(), sub["spacing_y_mm"].mean(),
                                                               sub["spacing_z_mm"].mean()),
             mean_size="x".join(str(int(round(v))) for v in shapes.mean(0)),
-            paper_patients=paper["patients"], paper_spacing_mm=str(paper["spacing"]),
+            paper_patients=paper["patients"], paper_spacing_mm=str(paper["spacing_mm"]),
             paper_size="x".join(str(v) for v in paper["size"]) if paper["size"] else "varies"))
     return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- paper mode
-
-
-@dataclass
-class VerifyReport:
-    """Result of :func:`verify_sources`: a table per source and the precise problems."""
-
-    table: pd.DataFrame
-    problems: list[str]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def summary(self) -> str:
-        if self.ok:
-            return "all sources present in the expected layout"
-        return f"{len(self.problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in self.problems)
-
-
-def _dicom_files(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file() and (p.suffix.lower() == ".dcm" or p.suffix == "")]
-
-
-def verify_sources(root: Path, expected: Mapping[str, int], check_headers: bool = True,
-                   max_listed: int = 20) -> VerifyReport:
-    """Check the user's downloads (paper profile) against the expected layout and counts.
-
-    Expected layout under ``root``: ``COLONOG/<PatientID>/<study>/<series>/*.dcm``,
-    ``HNSCC/<patient>/<study>/<series>/*.dcm``, ``MSD_T10/imagesTr/*.nii.gz``,
-    ``COVID19/volume-covid19-A-*.nii.gz``, ``VerSe/rawdata/sub-*/..._ct.nii.gz`` with
-    ``VerSe/derivatives/sub-*/..._seg-vert_msk.nii.gz`` and ``..._seg-subreg_ctd.json``.
-
-    Args:
-        root: the sources folder named by the params.
-        expected: minimum number of patients/volumes per source, e.g. ``{"COLONOG": 784}``.
-        check_headers: open one DICOM header per patient and every NIfTI header (catches
-            truncated downloads) - slower on the full data.
-        max_listed: how many missing/broken names to list per problem.
-
-    Returns:
-        :class:`VerifyReport`; ``problems`` says precisely what is missing or broken.
-    """
-    root = Path(root)
-    problems: list[str] = []
-    rows = []
-
-    def listed(names):
-        names = sorted(str(n) for n in names)
-        more = f" ... and {len(names) - max_listed} more" if len(names) > max_listed else ""
-        return ", ".join(names[:max_listed]) + more
-
-    if not root.exists():
-        problems.append(f"{root}: sources folder does not exist (set sources_dir in params/paper/00_sources.yaml)")
-    for src in ("COLONOG", "HNSCC"):
-        d = root / src
-        found, empty, broken = 0, [], []
-        if not d.is_dir():
-            problems.append(f"{d}: missing folder for {src} (expected <patient>/<study>/<series>/*.dcm)")
-        else:
-            for pdir in sorted(x for x in d.iterdir() if x.is_dir()):
-                files = [f for f in _dicom_files(pdir) if len(f.relative_to(pdir).parts) == 3]
-                if not files:
-                    empty.append(pdir.name)
-                    continue
-                found += 1
-                if check_headers:
-                    try:
-                        pydicom_dcmread(files[0])
-                    except Exception as exc:  # report any unreadable header with the file
-                        broken.append(f"{files[0]} ({type(exc).__name__})")
-            if empty:
-                problems.append(f"{src}: {len(empty)} patient folder(s) without DICOM files at <study>/<series>/: {listed(empty)}")
-            if broken:
-                problems.append(f"{src}: unreadable DICOM header(s): {listed(broken)}")
-        exp = int(expected.get(src, 0))
-        if found < exp:
-            problems.append(f"{src}: expected {exp} patients, found {found} ({exp - found} missing) under {d}")
-        rows.append(dict(source=src, expected=exp, found=found, missing=max(0, exp - found)))
-    for src, pattern, sub in (("MSD_T10", "*.nii.gz", "imagesTr"), ("COVID19", "volume-covid19-A-*.nii.gz", "")):
-        d = root / src / sub if sub else root / src
-        files = sorted(d.glob(pattern)) if d.is_dir() else []
-        if not d.is_dir():
-            problems.append(f"{d}: missing folder for {src} (expected {pattern})")
-        broken = []
-        if check_headers:
-            for f in files:
-                try:
-                    nib.load(str(f)).header.get_data_shape()
-                except Exception as exc:  # truncated / corrupt header
-                    broken.append(f"{f.name} ({type(exc).__name__})")
-        if broken:
-            problems.append(f"{src}: unreadable NIfTI header(s): {listed(broken)}")
-        exp = int(expected.get(src, 0))
-        if len(files) < exp:
-            problems.append(f"{src}: expected {exp} volumes matching {pattern}, found {len(files)} in {d}")
-        rows.append(dict(source=src, expected=exp, found=len(files), missing=max(0, exp - len(files))))
-    raw, der = root / "VerSe" / "rawdata", root / "VerSe" / "derivatives"
-    cts = sorted(raw.glob("sub-*/*_ct.nii.gz")) if raw.is_dir() else []
-    if not raw.is_dir():
-        problems.append(f"{raw}: missing VerSe rawdata folder (BIDS: rawdata/sub-X/sub-X[_dir-ax]_ct.nii.gz)")
-    no_mask, no_ctd = [], []
-    for ct in cts:
-        stem = ct.name[: -len("_ct.nii.gz")]
-        sub = ct.parent.name
-        if not (der / sub / f"{stem}_seg-vert_msk.nii.gz").exists():
-            no_mask.append(stem)
-        if not (der / sub / f"{stem}_seg-subreg_ctd.json").exists():
-            no_ctd.append(stem)
-    if no_mask:
-        problems.append(f"VerSe: {len(no_mask)} scan(s) without derivatives/<sub>/<stem>_seg-vert_msk.nii.gz: {listed(no_mask)}")
-    if no_ctd:
-        problems.append(f"VerSe: {len(no_ctd)} scan(s) without derivatives/<sub>/<stem>_seg-subreg_ctd.json: {listed(no_ctd)}")
-    exp = int(expected.get("VerSe", 0))
-    if len(cts) < exp:
-        problems.append(f"VerSe: expected {exp} CT scans, found {len(cts)} in {raw}")
-    rows.append(dict(source="VerSe", expected=exp, found=len(cts), missing=max(0, exp - len(cts))))
-    table = pd.DataFrame(rows)
-    table["status"] = np.where(table["missing"] > 0, "incomplete", "ok")
-    return VerifyReport(table=table, problems=problems)
-
-
-def pydicom_dcmread(path: Path):
-    """Read a DICOM header (no pixels); raises on a damaged file."""
-    from pydicom import dcmread
-
-    return dcmread(str(path), stop_before_pixels=True)
 
 
 def save_showcase_figures(paths, index: pd.DataFrame, out_dir: Path, progress: bool = True) -> pd.DataFrame:

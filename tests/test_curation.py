@@ -454,7 +454,7 @@ def test_xlsx_members_are_searched(tmp_path):
 def test_run_killed_during_placement_resumes_to_the_same_release(sources, monkeypatch):
     cfg = _cfg()
     calls = {"n": 0}
-    real_move = curation._move
+    real_move = curation.move_atomic
 
     def dying_move(src, dst):
         calls["n"] += 1
@@ -462,10 +462,10 @@ def test_run_killed_during_placement_resumes_to_the_same_release(sources, monkey
             raise KeyboardInterrupt("killed")
         real_move(src, dst)
 
-    monkeypatch.setattr(curation, "_move", dying_move)
+    monkeypatch.setattr(curation, "move_atomic", dying_move)
     with pytest.raises(KeyboardInterrupt):
         _run(cfg)
-    monkeypatch.setattr(curation, "_move", real_move)
+    monkeypatch.setattr(curation, "move_atomic", real_move)
     assert sum(1 for _ in cfg.release_dir.glob("*/data/*.nii.gz")) == 2  # half-way
     _, conv, split = _run(cfg)
     assert conv.converted == 0  # nothing converted twice

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lib.core import labels
+from lib.datasets import label_tables
 
 
 def test_table_matches_ctspine1k_and_verse_conventions():
@@ -38,8 +39,8 @@ def test_parse_label_range_rejects_unknown():
 
 
 def test_itksnap_file_round_trip(tmp_path):
-    p = labels.write_itksnap_labels(tmp_path / "labels.txt")
-    table = labels.read_itksnap_labels(p)
+    p = label_tables.write_itksnap_labels(tmp_path / "labels.txt")
+    table = label_tables.read_itksnap_labels(p)
     assert table == {v: labels.name(v) for v in labels.ordered()}
     line = next(ln for ln in p.read_text().splitlines() if '"L6"' in ln)
     r, g, b = labels.LABELS[25].rgb
@@ -47,7 +48,7 @@ def test_itksnap_file_round_trip(tmp_path):
 
 
 def test_slicer_colour_table(tmp_path):
-    p = labels.write_slicer_colortable(tmp_path / "spine.ctbl")
+    p = label_tables.write_slicer_colortable(tmp_path / "spine.ctbl")
     rows = [ln.split() for ln in p.read_text().splitlines() if not ln.startswith("#")]
     assert rows[0][:2] == ["0", "background"]
     by_value = {int(r[0]): r for r in rows}

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lib import model, train
+from lib.core.cases import split_cases
 from lib.core.paths import REPO_ROOT
 from lib.imaging import resampling, thick_slices
 from lib.io import load_volume
@@ -387,9 +388,9 @@ def test_verse_selection_keeps_complete_consistent_scans_and_says_why_not(tmp_pa
     assert "border" in why["sub-verse007"] or "above C1" in why["sub-verse007"]
     assert "T5" in why["sub-verse008"]
     assert table["usable"].sum() == 3 and len(table) == 8
-    tr, te = train.split_cases(usable, 1, seed=0)
+    tr, te = split_cases(usable, 1, seed=0)
     assert len(tr) == 2 and len(te) == 1 and set(tr + te) == set(usable)
-    assert train.split_cases(usable, 1, seed=0) == (tr, te)
+    assert split_cases(usable, 1, seed=0) == (tr, te)
 
 
 def test_foreground_targets_are_spine_fractions_on_a_coarser_grid(tmp_path):

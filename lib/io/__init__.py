@@ -20,6 +20,7 @@ from lib.io.nifti import (
     NIFTI_SUFFIXES,
     NiftiReadError,
     Volume,
+    canonical_geometry,
     load_volume,
     nifti_bytes,
     register_fast_gzip,
@@ -33,7 +34,7 @@ from lib.io.nifti import (
 
 __all__ = [
     "FAST_GZIP", "NIBABEL_GZ_OPENER", "NIFTI_SUFFIXES", "PARTIAL_DIR", "Fault", "IntegrityError", "NiftiReadError",
-    "Volume", "atomic_path", "atomic_write", "check_pair", "link_or_copy", "load_volume", "move_atomic",
+    "Volume", "atomic_path", "canonical_geometry", "atomic_write", "check_pair", "link_or_copy", "load_volume", "move_atomic",
     "nifti_bytes", "register_fast_gzip", "require_pair", "save_like", "save_volume", "spacing_from_affine",
     "strip_nifti_suffix", "to_canonical_order", "to_original_order", "write_text",
 ]

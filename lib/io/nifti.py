@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,18 @@ class Volume:
     def to_original(self, array: np.ndarray) -> np.ndarray:
         """Put an array in this volume's canonical order back into the file's voxel order."""
         return to_original_order(array, self.original_ornt)
+
+
+def canonical_geometry(affine: np.ndarray, shape: Sequence[int]) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """Spacing and shape in RAS axis order (x, y, z) for any stored orientation."""
+    ornt = orientations.io_orientation(affine)
+    sp = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    out_sp, out_sh = [0.0] * 3, [0] * 3
+    for i in range(3):
+        j = int(ornt[i, 0])
+        out_sp[j] = float(sp[i])
+        out_sh[j] = int(shape[i])
+    return tuple(out_sp), tuple(out_sh)
 
 
 def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
