@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from lib import io, sources
+from lib import io
 from lib.io import dicom_read as dicom
+from lib.io import dicom_write
 
 
 def _ct_like(shape, seed=0):
@@ -195,9 +196,9 @@ def main() -> None:
         print(f"converters: {', '.join(CONVERTERS)}")
         print("\ncorrectness (voxels equal / max affine error mm / note):")
         for gname, aff in _affines().items():
-            for order in sources.SLICE_ORDERS if gname == "axial" else ("shuffled",):
+            for order in dicom_write.SLICE_ORDERS if gname == "axial" else ("shuffled",):
                 folder = root / f"{gname}_{order}"
-                sources.write_dicom_series(small, aff, folder, tags, slice_order=order)
+                dicom_write.write_dicom_series(small, aff, folder, tags, slice_order=order)
                 for cname, conv in CONVERTERS.items():
                     out = root / "out" / f"{gname}_{order}_{_slug(cname)}"
                     out.mkdir(parents=True)
@@ -211,17 +212,17 @@ def main() -> None:
         aff = _affines()["axial"]
         faulty = {}
         f = root / "missing"
-        sources.write_dicom_series(small, aff, f, tags, drop_slices=[11])
+        dicom_write.write_dicom_series(small, aff, f, tags, drop_slices=[11])
         faulty["missing slice"] = f
         f = root / "mixed"
-        sources.write_dicom_series(small, aff, f, tags, series_uid="1.2.3.4.1")
+        dicom_write.write_dicom_series(small, aff, f, tags, series_uid="1.2.3.4.1")
         for p in sorted(f.glob("*.dcm"))[::3]:
             ds = pydicom.dcmread(p)
             ds.SeriesInstanceUID = "1.2.3.4.2"
             ds.save_as(p)
         faulty["mixed series UIDs"] = f
         f = root / "nospacing"
-        sources.write_dicom_series(small, aff, f, tags)
+        dicom_write.write_dicom_series(small, aff, f, tags)
         for p in sorted(f.glob("*.dcm")):
             ds = pydicom.dcmread(p)
             del ds.PixelSpacing
@@ -239,7 +240,7 @@ def main() -> None:
         print(f"\ntime per axial series {n_xy}x{n_xy}x{nz} (median of {args.repeat}, incl. .nii.gz write):")
         big = _ct_like((n_xy, n_xy, nz), seed=2)
         folder = root / "timed"
-        sources.write_dicom_series(big, aff, folder, tags, slice_order="shuffled")
+        dicom_write.write_dicom_series(big, aff, folder, tags, slice_order="shuffled")
         results = {}
         for cname, conv in CONVERTERS.items():
             times = []

@@ -30,12 +30,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.core import paths  # noqa: E402
-from lib.io import (
-    save_volume,  # noqa: E402
-    write_text,  # noqa: E402
-)
+from lib.io import save_volume, write_text  # noqa: E402
 from lib.io.dicom_write import write_dicom_series  # noqa: E402
-from lib.phantom import CaseSpec, generate_case, generate_scans, plan_grid  # noqa: E402
+from lib.synthetic.phantom import CaseSpec, generate_case, generate_scans, plan_grid  # noqa: E402
 
 
 def _time(fn, repeat: int = 1):

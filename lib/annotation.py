@@ -652,7 +652,7 @@ def find_model_dir(root: str | Path) -> Path:
 def oracle_truth(paths) -> TruthProvider:
     """Truth for simulated annotators: the curation provenance (release id -> source series)
     joined with the oracle (synthetic profile only; the oracle is never a pipeline input)."""
-    from lib import oracle
+    from lib.synthetic import oracle
 
     prov_path = paths.tables("01_curation") / "provenance.csv"
     if not prov_path.exists():

@@ -56,30 +56,13 @@ from pydicom.multival import MultiValue
 
 from lib.core.paths import SPLITS, ProfilePaths
 from lib.core.seeding import stable_rng
-from lib.datasets.ctspine1k.ids import (  # noqa: F401  (temporary: the stage split follows)
-    BUILTIN_ID_PATTERNS,
-    DICOM_SOURCES,
-    NIFTI_SOURCES,
-    SOURCES,
-    UNKNOWN,
-    count_by_source_split,
-    infer_source,
-    merge_id_patterns,
-    release_id_for,
-    unknown_ids,
-)
-from lib.datasets.ctspine1k.release import (  # noqa: F401
-    find_special_cases,
-    has_masks,
-    release_inventory,
-    write_readme,
-)
-from lib.datasets.ctspine1k.split_file import (  # noqa: F401
-    paper_fractions,
-    read_split_file,
-    split_stratified,
-    write_split_file,
-)
+from lib.datasets.ctspine1k.ids import BUILTIN_ID_PATTERNS, DICOM_SOURCES, NIFTI_SOURCES  # noqa: F401
+from lib.datasets.ctspine1k.ids import SOURCES, UNKNOWN, count_by_source_split, infer_source  # noqa: F401
+from lib.datasets.ctspine1k.ids import merge_id_patterns, release_id_for, unknown_ids  # noqa: F401
+from lib.datasets.ctspine1k.release import find_special_cases, has_masks, release_inventory  # noqa: F401
+from lib.datasets.ctspine1k.release import write_readme  # noqa: F401
+from lib.datasets.ctspine1k.split_file import paper_fractions, read_split_file  # noqa: F401
+from lib.datasets.ctspine1k.split_file import split_stratified, write_split_file  # noqa: F401
 from lib.datasets.ctspine1k.table1 import build_table1, table1_markdown  # noqa: F401
 from lib.datasets.nnunet import export_nnunet  # noqa: F401
 from lib.datasets.paper_facts import PAPER_SPLIT_COUNTS, PAPER_TABLE1, PAPER_TOTALS  # noqa: F401

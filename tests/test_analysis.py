@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lib import phantom
 from lib.core import labels as L
 from lib.core.labels import label_at_level, level_index
 from lib.imaging import instances, label_shift, landmarks, thick_slices
 from lib.metrics.overlap import mean_vertebra_dice
+from lib.synthetic import phantom
 
 
 def _shift_from_sacrum(mask: np.ndarray, by: int = -1) -> np.ndarray:

@@ -239,13 +239,13 @@ def test_audit_against_planted_values_of_the_sources_agent(tmp_path):
     test only."""
     import yaml
 
-    from lib import oracle, sources
+    from lib.synthetic import generate, oracle
 
     pp = paths.for_profile("ci")
     cfg_src = yaml.safe_load(open(paths.REPO_ROOT / "params" / "ci" / "00_sources.yaml"))
     cfg_src.update(n_colonog=1, n_msd=1, n_hnscc=1, n_covid=1, n_verse=0, n_low_noise=0, n_low_truncated=0,
                    n_low_missing_slices=0, hnscc_time_points=1, inplane_mm=6.0)
-    sources.generate_sources(pp, cfg_src, progress=False)
+    generate.generate_sources(pp, cfg_src, progress=False)
     planted = oracle.read_phi_planted(pp)
     identifiers = curation.collect_identifiers(pp.sources, every_file=False)
     values = {i.value for i in identifiers}
@@ -399,7 +399,7 @@ def test_table1_and_exports_with_masks(sources, tmp_path):
     assert curation.export_nnunet(cfg.release_dir, tmp_path / "nnunet", 501, "CTSpine1K") == ds  # idempotent
 
     # VerSe centroids: read back with the VerSe reader, they are the masks' centres of mass
-    from lib.sources import read_verse_centroids
+    from lib.datasets.verse import read_verse_centroids
 
     files = curation.export_verse_centroids(cfg.release_dir, tmp_path / "ctd")
     assert len(files) == 4

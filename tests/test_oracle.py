@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import oracle, sources
 from lib.imaging import resampling
 from lib.io import load_volume, save_volume
 from lib.io import write_text as io_write_text
+from lib.synthetic import oracle
 
 
 def _labels(shape=(12, 10, 8), seed=0) -> np.ndarray:
@@ -29,7 +29,7 @@ def _affine(sp=(1.0, 1.5, 2.0), origin=(-10.0, 5.0, -100.0)) -> np.ndarray:
 @pytest.mark.parametrize("axcodes", [("R", "A", "S"), ("L", "P", "S"), ("P", "I", "R")])
 def test_resample_is_an_exact_copy_when_grids_coincide_up_to_flips(axcodes):
     lab, aff = _labels(), _affine()
-    stored, st_aff = sources.reorient_array(lab, aff, axcodes)
+    stored, st_aff = resampling.reorient_array(lab, aff, axcodes)
     back = resampling.resample_labels_to(stored, st_aff, lab.shape, aff)
     np.testing.assert_array_equal(back, lab)
 
@@ -52,7 +52,7 @@ def test_resample_is_nearest_neighbour_by_world_coordinates():
 def _oracle_tree(tmp_path) -> SimpleNamespace:
     p = SimpleNamespace(profile="ci", sources=tmp_path / "sources", oracle=tmp_path / "oracle")
     lab, aff = _labels(), _affine()
-    stored, st_aff = sources.reorient_array(lab, aff, ("L", "P", "S"))
+    stored, st_aff = resampling.reorient_array(lab, aff, ("L", "P", "S"))
     mpath, cpath = oracle.write_truth(p.oracle, "MSD_T10", "liver_3", stored, st_aff, {20: (1.0, 2.0, 3.0)})
     row = {c: "" for c in oracle.INDEX_COLUMNS}
     row.update(source="MSD_T10", patient_id="liver_3", source_key="liver_3",

@@ -12,7 +12,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from lib.core import labels as L
-from lib.phantom import (
+from lib.synthetic.phantom import (
     T_CANC,
     T_CORT,
     T_DISC,
@@ -225,7 +225,7 @@ def test_scans_of_one_patient_share_anatomy_and_match_single_renders():
     sup, pro = pair
     assert sup.mask.tobytes() == pro.mask.tobytes()
     # gravity: the tagged fluid lies posterior (supine) or anterior (prone) in the colon
-    from lib.phantom import T_FLUID, T_GAS, T_TABLE
+    from lib.synthetic.phantom import T_FLUID, T_GAS, T_TABLE
 
     def fluid_offset(case):
         yy = np.arange(case.ct.shape[1])[None, :, None]

@@ -16,8 +16,12 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from lib import oracle, sources
-from lib.io import dicom_write, load_volume
+from lib.datasets import downloads
+from lib.datasets import verse as verse_files
+from lib.imaging import resampling
+from lib.io import dicom_read, dicom_write, load_volume
+from lib.stages import sources as stage_sources
+from lib.synthetic import generate, oracle, source_plan
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,13 +128,13 @@ def test_verse_centroid_json_round_trips(tmp_path, axcodes):
     ras = np.diag([0.8, 0.9, 1.5, 1.0])
     ras[:3, 3] = (-30.0, 12.0, -200.0)
     arr = np.zeros((40, 30, 20), np.int16)
-    stored, aff = sources.reorient_array(arr, ras, axcodes)
+    stored, aff = resampling.reorient_array(arr, ras, axcodes)
     cents = {20: (-10.0, 20.0, -190.0), 28: (-5.5, 22.25, -180.0)}
-    path = sources.write_verse_centroids(tmp_path / "x_ctd.json", cents, aff, stored.shape)
+    path = verse_files.write_verse_centroids(tmp_path / "x_ctd.json", cents, aff, stored.shape)
     body = json.loads(path.read_text())
     assert body[0] == {"direction": ["P", "I", "R"]}
     assert [e["label"] for e in body[1:]] == [28, 20]  # craniocaudal: T13 before L1
-    back = sources.read_verse_centroids(path, aff, stored.shape)
+    back = verse_files.read_verse_centroids(path, aff, stored.shape)
     for lab, c in cents.items():
         np.testing.assert_allclose(back[lab], c, atol=2e-3)
     # coordinates are voxel indices in P, I, R: X grows posteriorly
@@ -152,7 +156,7 @@ def generated(tmp_path_factory):
     """One tiny generated source tree shared by the module (fixed folders, not env-derived)."""
     root = tmp_path_factory.mktemp("data") / "ci"
     p = SimpleNamespace(profile="ci", sources=root / "sources", oracle=root / "oracle")
-    report = sources.generate_sources(p, _tiny_cfg(), workers=0, progress=False)
+    report = generate.generate_sources(p, _tiny_cfg(), workers=0, progress=False)
     return p, report
 
 
@@ -160,8 +164,8 @@ def test_generation_reports_every_volume(generated):
     p, report = generated
     assert not report.failures
     idx = oracle.read_index(p)
-    assert len(idx) == len(sources.plan_sources(_tiny_cfg())) == len(report.index)
-    assert set(idx["source"]) == set(sources.SOURCES)
+    assert len(idx) == len(source_plan.plan_sources(_tiny_cfg())) == len(report.index)
+    assert set(idx["source"]) == set(source_plan.SOURCES)
     assert {"L6", "L5_missing", "transitional", "normal"} <= set(idx["variant"])
     assert {"noise", "truncated", "missing_slices"} == set(idx.loc[idx["quality"] == "low", "quality_reason"])
     assert idx["metal"].any()
@@ -271,7 +275,7 @@ def test_verse_masks_centroids_and_grids(generated):
         ct = nib.load(str(ct_path))
         msk = nib.load(str(der / f"{stem}_seg-vert_msk.nii.gz"))
         differs += not np.allclose(ct.header.get_zooms(), msk.header.get_zooms())
-        back = sources.read_verse_centroids(der / f"{stem}_seg-subreg_ctd.json", ct.affine, ct.shape)
+        back = verse_files.read_verse_centroids(der / f"{stem}_seg-subreg_ctd.json", ct.affine, ct.shape)
         truth = oracle.load_centroids(p, "VerSe", r["source_key"])
         assert set(back) == set(truth)
         for lab in truth:
@@ -282,31 +286,31 @@ def test_verse_masks_centroids_and_grids(generated):
 
 
 def test_same_seed_same_bytes(tmp_path):
-    items = sources.plan_sources(_tiny_cfg())
+    items = source_plan.plan_sources(_tiny_cfg())
     picked = [next(i for i in items if i["fmt"] == "dicom"), next(i for i in items if i["fmt"] == "verse")]
     trees = []
     for name in ("a", "b"):
         for it in picked:
-            sources.generate_item(dict(it, sources_root=str(tmp_path / name / "s"), oracle_root=str(tmp_path / name / "o")))
+            generate.generate_item(dict(it, sources_root=str(tmp_path / name / "s"), oracle_root=str(tmp_path / name / "o")))
         files = sorted(f for f in (tmp_path / name).rglob("*") if f.is_file())
         trees.append({str(f.relative_to(tmp_path / name)): f.read_bytes() for f in files})
     assert trees[0].keys() == trees[1].keys() and len(trees[0]) > 20
     assert all(trees[0][k] == trees[1][k] for k in trees[0])
-    assert sources.plan_sources(_tiny_cfg()) == items
-    other = sources.plan_sources(dict(_tiny_cfg(), seed=1))
+    assert source_plan.plan_sources(_tiny_cfg()) == items
+    other = source_plan.plan_sources(dict(_tiny_cfg(), seed=1))
     assert [i["spec"]["seed"] for i in other] != [i["spec"]["seed"] for i in items]
 
 
 def test_rerun_skips_finished_volumes(generated):
     p, report = generated
-    again = sources.generate_sources(p, _tiny_cfg(), workers=0, progress=False)
+    again = generate.generate_sources(p, _tiny_cfg(), workers=0, progress=False)
     assert again.skipped == len(report.index)
     assert again.index.equals(report.index)
 
 
 def test_synthetic_profile_plants_enough_variants():
     cfg = yaml.safe_load((REPO / "params" / "synthetic" / "00_sources.yaml").read_text())
-    items = sources.plan_sources(cfg)
+    items = source_plan.plan_sources(cfg)
     ls = [i for i in items if i["source"] in ("COLONOG", "MSD_T10") and i["quality"] == "ok"]
     per_patient = {i["patient_id"]: i["variant"] for i in ls}
     n = len(per_patient)
@@ -318,7 +322,7 @@ def test_synthetic_profile_plants_enough_variants():
     assert all(i["spec"]["fov"] == "abdomen" for i in ls if i["variant"] != "normal")
     # CTSpine1K-source patients: about 60, every source >= 6, COLONOG the majority
     pats = {(i["source"], i["patient_id"]) for i in items if i["source"] != "VerSe"}
-    counts = {s: sum(1 for x in pats if x[0] == s) for s in sources.CTSPINE1K_SOURCES}
+    counts = {s: sum(1 for x in pats if x[0] == s) for s in source_plan.CTSPINE1K_SOURCES}
     assert 50 <= sum(counts.values()) <= 70 and min(counts.values()) >= 6
     assert counts["COLONOG"] == max(counts.values())
 
@@ -331,7 +335,7 @@ def test_verify_sources_lists_what_is_missing(generated, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(p.sources, root)
     counts = {"COLONOG": 5, "HNSCC": 1, "MSD_T10": 2, "COVID19": 1, "VerSe": 4}
-    rep = sources.verify_sources(root, counts)
+    rep = downloads.verify_sources(root, counts)
     assert rep.ok, rep.summary()
     assert set(rep.table["status"]) == {"ok"}
     # remove one VerSe mask, empty one COLONOG patient, truncate an MSD file, ask for more
@@ -342,14 +346,14 @@ def test_verify_sources_lists_what_is_missing(generated, tmp_path):
     pat.mkdir()
     liver = next((root / "MSD_T10" / "imagesTr").glob("*.nii.gz"))
     liver.write_bytes(liver.read_bytes()[:50])
-    rep = sources.verify_sources(root, dict(counts, COVID19=40))
+    rep = downloads.verify_sources(root, dict(counts, COVID19=40))
     text = rep.summary()
     assert not rep.ok
     assert msk.name.replace("_seg-vert_msk.nii.gz", "") in text
     assert pat.name in text and "without DICOM files" in text
     assert liver.name in text
     assert "COVID19: expected 40 volumes" in text
-    rep = sources.verify_sources(tmp_path / "nowhere", counts)
+    rep = downloads.verify_sources(tmp_path / "nowhere", counts)
     assert "does not exist" in rep.summary()
 
 
@@ -358,7 +362,7 @@ def test_load_source_volume_is_canonical(generated):
     idx = oracle.read_index(p)
     for src in ("COLONOG", "MSD_T10", "VerSe"):
         r = idx[idx["source"] == src].iloc[0]
-        vol = sources.load_source_volume(Path(p.sources), r["image_path"])
+        vol = dicom_read.read_source_volume(Path(p.sources), r["image_path"])
         assert np.all(np.diag(vol.affine)[:3] > 0)  # RAS+
         truth = oracle.load_truth(p, src, r["source_key"], vol)
         assert truth.shape == vol.shape and truth.any()
@@ -369,22 +373,22 @@ def test_load_source_volume_is_canonical(generated):
 
 def test_closing_note_states_time_per_case_at_both_scales(generated, tmp_path):
     _, report = generated
-    probe = sources.probe_paper_scale(slices=2)
+    probe = stage_sources.probe_paper_scale(slices=2)
     assert probe["shape"] == "512x512x2" and probe["full_case_s_estimate"] > 0
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"when": "now", "cases": [dict(scale="paper", fov="abdomen", shape="512x512x518",
                                                                 spacing_mm="0.75, 0.75, 0.8", generate_s=15.7,
                                                                 mvox_per_s=8.6)]}))
-    table = sources.timing_table(report.timings)
-    assert set(table["source"]) == set(sources.SOURCES)
-    note = sources.timing_note(table, bench, probe)
+    table = stage_sources.timing_table(report.timings)
+    assert set(table["source"]) == set(source_plan.SOURCES)
+    note = stage_sources.timing_note(table, bench, probe)
     assert "s per volume" in note and "512 x 512 x 542" in note and "15.70 s per case" in note
 
 
 def test_official_split_holds_the_variants_each_test_split_needs():
     import pandas as pd
 
-    from lib.sources import official_split
+    from lib.synthetic.source_plan import official_split
 
     rows = []
     for i in range(40):

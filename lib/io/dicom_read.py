@@ -36,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from nibabel import orientations
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from lib.io import save_volume
+from lib.io.nifti import Volume, load_volume, save_volume, to_canonical_order
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """DICOM patient coordinates (LPS) -> NIfTI world (RAS): flip x and y."""
@@ -474,3 +475,42 @@ def convert_series(files: Sequence[str | Path], out_path: str | Path, where: str
     save_volume(vol.array, vol.affine, out_path, dtype=np.int16)
     return ConversionResult(Path(out_path), vol.geometry.shape, vol.geometry.spacing, vol.affine,
                             time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- SimpleITK reader
+
+
+def read_series_sitk(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a DICOM series with SimpleITK (GDCM sorts slices by position) in HU.
+
+    Returns:
+        (array, affine): array (x, y, z) in the file's row/column/slice order, as float32 HU;
+        affine the RAS voxel -> world matrix (LPS from DICOM converted to RAS).
+    """
+    import SimpleITK as sitk  # optional heavy dependency: only this cross-check reader needs it
+
+    reader = sitk.ImageSeriesReader()
+    names = reader.GetGDCMSeriesFileNames(str(folder))
+    if not names:
+        raise FileNotFoundError(f"{folder}: no DICOM series")
+    reader.SetFileNames(names)
+    img = reader.Execute()
+    arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)
+    D = np.array(img.GetDirection(), float).reshape(3, 3)
+    M = np.eye(4)
+    M[:3, :3] = D * np.array(img.GetSpacing(), float)
+    M[:3, 3] = img.GetOrigin()
+    return arr.astype(np.float32), np.diag([-1.0, -1.0, 1.0, 1.0]) @ M
+
+
+def read_source_volume(sources_root: Path, image_path: str):
+    """Load one source image (DICOM series folder or NIfTI) as a canonical :class:`lib.io.Volume`."""
+    p = Path(sources_root) / image_path
+    if p.is_dir():
+        arr, aff = read_series_sitk(p)
+        ornt = orientations.io_orientation(aff)
+        can = np.ascontiguousarray(to_canonical_order(arr, ornt))
+        ras = orientations.axcodes2ornt(("R", "A", "S"))
+        can_aff = aff @ orientations.inv_ornt_aff(orientations.ornt_transform(ornt, ras), arr.shape)
+        return Volume(can, can_aff, aff, ornt, None, p)
+    return load_volume(p, canonical=True)

@@ -295,7 +295,7 @@ def _dims_for(region: str, f: float, rng, s: float) -> dict:
     return d
 
 
-def _build_anatomy(spec: CaseSpec) -> Anatomy:
+def build_anatomy(spec: CaseSpec) -> Anatomy:
     """Lay out the spine, pelvis, skull and body parameters in world mm (no voxels yet)."""
     rng = np.random.default_rng([spec.seed, 1])
     s = float(np.clip(rng.normal(1.0, 0.045), 0.9, 1.1))  # skeletal size
@@ -1510,7 +1510,7 @@ def _fov_xy(anat: Anatomy, spec: CaseSpec, z0: float, z1: float) -> tuple[float,
 
 def plan_grid(spec: CaseSpec) -> tuple[tuple[int, int, int], np.ndarray]:
     """Output shape (x, y, z) and RAS affine for a spec, without rendering."""
-    anat = _build_anatomy(spec)
+    anat = build_anatomy(spec)
     return _plan(anat, spec)[:2]
 
 
@@ -1617,7 +1617,7 @@ def _generate_scans(specs: list[CaseSpec], block_slices: int | None) -> list[Pha
     for s in specs[1:]:
         if replace(s, position=base.position, scan_seed=base.scan_seed, noise_hu=base.noise_hu) != base:
             raise ValueError("generate_scans: specs may differ only in position, scan_seed and noise_hu")
-    anat = _build_anatomy(base)
+    anat = build_anatomy(base)
     plans = [_plan(anat, s) for s in specs]
     (nx, ny, nz), aff, (x0, y0, z0) = plans[0]
     for pl in plans[1:]:
