@@ -32,10 +32,10 @@ lab: $(STAMP) ## Start JupyterLab on localhost (token kept; open the printed URL
 	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 reproduce: $(STAMP) ## Run every notebook in order with params/PROFILE/ into runs/PROFILE/ (skips up-to-date stages)
-	$(PY) -m lib.pipeline --profile $(PROFILE) $(if $(FORCE),--force,) $(if $(STAGES),--stages $(STAGES),)
+	$(PY) -m lib reproduce --profile $(PROFILE) $(if $(FORCE),--force,) $(if $(STAGES),--stages $(STAGES),)
 
 check-params: $(STAMP) ## Validate every params file against its notebook's parameters cell
-	$(PY) -m lib.params
+	$(PY) -m lib check-params
 
 test: $(STAMP) ## Fast test suite (no `slow` tests; a few minutes)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

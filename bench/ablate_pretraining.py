@@ -35,7 +35,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib import model, train  # noqa: E402
+from lib.datasets import verse  # noqa: E402
+from lib.ml import inference  # noqa: E402
+from lib.ml import planning  # noqa: E402
+from lib.ml import trainer  # noqa: E402
 from lib.core import labels as L  # noqa: E402
 from lib.core.cases import split_cases  # noqa: E402
 from lib.core.paths import REPO_ROOT  # noqa: E402
@@ -64,30 +67,28 @@ def scores(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
 def run(config: str, profile: str, n_holdout: int, n_train: int, seed: int, threads: int, out_root: Path) -> dict:
     import torch
 
-    from lib import infer
-
     torch.set_num_threads(threads)
     cfg = CONFIGS[config]
-    usable, _ = train.select_pretraining_cases(REPO_ROOT / "data" / profile / "sources" / "VerSe", progress=False)
+    usable, _ = verse.select_pretraining_cases(REPO_ROOT / "data" / profile / "sources" / "VerSe", progress=False)
     tr, te = split_cases(usable, n_holdout, seed=seed)
     tr = tr[:n_train] if n_train else tr
     labs = L.ordered(list(L.CTSPINE1K_LABELS) + [L.T13])
-    plan = model.plan_experiment(tr, "synthetic", labels=labs, coarse_spacing_mm=cfg.get("coarse_mm", 8.0), deep_supervision=0,
+    plan = planning.plan_experiment(tr, "synthetic", labels=labs, coarse_spacing_mm=cfg.get("coarse_mm", 8.0), deep_supervision=0,
                                  target_spacing_mm=[cfg.get("fine_mm", 2.0)] * 3,
                                  augmentation=cfg.get("augmentation"), inference=cfg.get("inference"))
     shares = cfg.get("shares", SHARES)
     plan = dataclasses.replace(plan, stages=[dataclasses.replace(s, budget_share=shares[s.name]) for s in plan.stages])
     out = out_root / f"{config}_n{len(tr)}"
     t0 = time.perf_counter()
-    res = train.train(tr, out / "model", plan, val_cases=te[:1], seed=seed, max_epochs=cfg.get("max_epochs", 130),
+    res = trainer.train(tr, out / "model", plan, val_cases=te[:1], seed=seed, max_epochs=cfg.get("max_epochs", 130),
                       iterations_per_epoch=20, cache_dir=out_root / "cache", progress=False)
     train_s = time.perf_counter() - t0
-    m = infer.load_model(out / "model", "cpu")
+    m = inference.load_model(out / "model", "cpu")
     rows = []
     for cid, img, msk in te:
         v = load_volume(img)
         t = time.perf_counter()
-        p = infer.predict_volume(m, v.array, v.spacing)
+        p = inference.predict_volume(m, v.array, v.spacing)
         spine, vert = scores(p, load_volume(msk).array)
         rows.append({"case_id": cid, "spine_dice": spine, "vertebra_dice": vert, "seconds": time.perf_counter() - t})
         print(f"  {cid}: spine {rows[-1]['spine_dice']:.3f}  vertebra {rows[-1]['vertebra_dice']:.3f}", flush=True)

@@ -28,7 +28,15 @@ import time
 import numpy as np
 import torch
 
-from lib import infer, model, train
+from lib.ml import inference
+from lib.ml import losses
+from lib.ml import networks
+from lib.ml import planning
+from lib.ml import plans
+from lib.ml import preprocessing
+from lib.ml import sliding_window
+from lib.ml import trainer
+
 
 
 def _fingerprint(shape, spacing, labels):
@@ -36,7 +44,7 @@ def _fingerprint(shape, spacing, labels):
     per = [{"case_id": f"c{i}", "shape": list(shape), "spacing_mm": list(spacing), "labels": list(labels),
             "fg_extent_mm": [110.0, 120.0, 0.85 * shape[2] * spacing[2]],
             "fg_samples": rng.normal(400, 200, 500).tolist()} for i in range(4)]
-    return model.summarise_fingerprint(per)
+    return planning.summarise_fingerprint(per)
 
 
 def _sync(dev):
@@ -48,15 +56,15 @@ def time_train_step(plan, stage, dev, repeats: int = 3, patch=None) -> float:
     """Median seconds of one optimiser step of ``stage`` (random data of the stage's shape)."""
     st = plan.stage(stage) if isinstance(stage, str) else stage
     if patch is not None:
-        st = model.StagePlan(**{**st.__dict__, "patch_size": list(patch)})
-    net = model.build_network(plan, st).to(dev).train()
-    opt = train._make_optimizer(net, plan.training, plan.training["lr"])
-    loss_fn = train._make_loss(st.task)
+        st = plans.StagePlan(**{**st.__dict__, "patch_size": list(patch)})
+    net = networks.build_network(plan, st).to(dev).train()
+    opt = trainer._make_optimizer(net, plan.training, plan.training["lr"])
+    loss_fn = losses.make_loss(st.task)
     n_cls = 1 + len(plan.labels) if st.task == "levels" else st.n_classes(plan)
     x = torch.randn(st.batch_size, st.in_channels, *st.patch_size, device=dev)
     y = torch.randint(0, n_cls, (st.batch_size, 1, *st.patch_size), device=dev)
     if st.task == "levels":
-        y = y + train.LEVEL_FG * (y > 0)
+        y = y + preprocessing.LEVEL_FG * (y > 0)
     use_amp = dev.type == "cuda"
     times = []
     for _ in range(repeats + 1):
@@ -65,7 +73,7 @@ def time_train_step(plan, stage, dev, repeats: int = 3, patch=None) -> float:
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
             out = net(x)
-            loss = train._deep_loss(loss_fn, out, y, st.deep_supervision)
+            loss = losses.deep_loss(loss_fn, out, y, st.deep_supervision)
         loss.backward()
         opt.step()
         _sync(dev)
@@ -78,7 +86,7 @@ def time_sliding_window(plan, stage, shape, dev) -> tuple[float, float]:
     from monai.inferers import sliding_window_inference
 
     st = plan.stage(stage) if isinstance(stage, str) else stage
-    net = model.build_network(plan, st).to(dev).eval()
+    net = networks.build_network(plan, st).to(dev).eval()
     n_cls = st.n_classes(plan)
     img = np.random.default_rng(0).normal(0, 1, shape).astype(np.float32)
     overlap = plan.inference["overlap"]
@@ -89,7 +97,7 @@ def time_sliding_window(plan, stage, shape, dev) -> tuple[float, float]:
 
     _sync(dev)
     t0 = time.perf_counter()
-    infer.sliding_window(net, img, st.patch_size, n_cls, consume, overlap=overlap, device=dev)
+    sliding_window.sliding_window(net, img, st.patch_size, n_cls, consume, overlap=overlap, device=dev)
     _sync(dev)
     ours = time.perf_counter() - t0
     x = torch.from_numpy(img)[None, None].to(dev)
@@ -106,13 +114,13 @@ def bench_trained(model_dir: str, image: str, dev) -> None:
     """Seconds per case of a trained model on one image (load excluded, best of two)."""
     from lib.io import load_volume
 
-    lm = infer.load_model(model_dir, str(dev))
+    lm = inference.load_model(model_dir, str(dev))
     vol = load_volume(image)
     times = []
     for _ in range(2):
         _sync(dev)
         t0 = time.perf_counter()
-        infer.predict_volume(lm, vol.array, vol.spacing)
+        inference.predict_volume(lm, vol.array, vol.spacing)
         _sync(dev)
         times.append(time.perf_counter() - t0)
     print(f"\ntrained model {model_dir} on {image} {vol.shape}: {min(times):.2f} s per case "
@@ -121,12 +129,12 @@ def bench_trained(model_dir: str, image: str, dev) -> None:
 
 def bench_device(dev, quick: bool) -> None:
     print(f"\n=== device {dev} (torch threads {torch.get_num_threads()}) ===")
-    syn = model.plan_experiment(_fingerprint((120, 120, 390), (2.0, 2.0, 2.0), range(1, 26)), "synthetic",
+    syn = planning.plan_experiment(_fingerprint((120, 120, 390), (2.0, 2.0, 2.0), range(1, 26)), "synthetic",
                                 target_spacing_mm=[3.0, 3.0, 3.0], coarse_spacing_mm=6.0, roi_margin_mm=25.0,
                                 deep_supervision=0)
-    paper = model.plan_experiment(_fingerprint((512, 512, 600), (0.8, 0.8, 1.0), range(1, 26)), "paper")
-    print(model.describe_plan(syn))
-    print(model.describe_plan(paper))
+    paper = planning.plan_experiment(_fingerprint((512, 512, 600), (0.8, 0.8, 1.0), range(1, 26)), "paper")
+    print(planning.describe_plan(syn))
+    print(planning.describe_plan(paper))
     print("\ntraining step (s):")
     for st in syn.stages:
         t = time_train_step(syn, st, dev)
@@ -153,13 +161,13 @@ def bench_device(dev, quick: bool) -> None:
           f"(ratio {theirs / ours:.2f}); 512x512x500 at the network grid: "
           f"{per_vol:.1f} s {'(measured)' if vol_p == (512, 512, 500) else '(extrapolated)'}")
     print("\nwhole synthetic cascade on a 120x120x390 whole-spine scan at 2 mm (random weights):")
-    weights = {st.name: model.build_network(syn, st).state_dict() for st in syn.stages}
+    weights = {st.name: networks.build_network(syn, st).state_dict() for st in syn.stages}
     nets = {}
     for st in syn.stages:
-        net = model.build_network(syn, st)
+        net = networks.build_network(syn, st)
         net.load_state_dict(weights[st.name])
         nets[st.name] = net.to(dev).eval()
-    lm = infer.LoadedModel(syn, nets, dev)
+    lm = inference.LoadedModel(syn, nets, dev)
     rng = np.random.default_rng(1)
     ct = rng.normal(0, 30, (120, 120, 390)).astype(np.float32)
     ct[50:70, 50:75, 20:370] += 500  # a bright column so every stage finds a region to work on
@@ -167,7 +175,7 @@ def bench_device(dev, quick: bool) -> None:
     for _ in range(2):
         _sync(dev)
         t0 = time.perf_counter()
-        infer.predict_volume(lm, ct, (2.0, 2.0, 2.0))
+        inference.predict_volume(lm, ct, (2.0, 2.0, 2.0))
         _sync(dev)
         times.append(time.perf_counter() - t0)
     print(f"  {min(times):.2f} s per case")

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lib import annotation as A
+from lib.core.cases import Case
+from lib.imaging.label_shift import relabel, variant_of
+from lib.stages.annotation.ledger import Ledger
+from lib.stages.annotation.loop import LoopConfig, run_rounds
+from lib.stages.annotation.tiers import SimulatedTiers, case_rng
 from lib.io import load_volume, save_volume
 
 SHAPE = (16, 16, 64)
@@ -26,7 +30,7 @@ def spine_mask(labels_caudal_to_cranial: list[int], shape=SHAPE) -> np.ndarray:
     return m
 
 
-def make_cases(root: Path, n: int = 8) -> list[A.Case]:
+def make_cases(root: Path, n: int = 8) -> list[Case]:
     """n cases over three splits; every third one has an L6 (a variant)."""
     cases = []
     splits = ["trainset"] * (n - 4) + ["test_public"] * 2 + ["test_private"] * 2
@@ -40,7 +44,7 @@ def make_cases(root: Path, n: int = 8) -> list[A.Case]:
         img = root / "release" / split / "data" / f"{cid}.nii.gz"
         save_volume(ct, AFFINE, img)
         save_volume(truth, AFFINE, root / "oracle" / f"{cid}_seg.nii.gz")
-        cases.append(A.Case(cid, split, img, root / "release" / split / "gt"))
+        cases.append(Case(cid, img, root / "release" / split / "gt" / f"{cid}_seg.nii.gz", split))
     return cases
 
 
@@ -56,10 +60,10 @@ class FakeModel:
         version = json.loads(Path(model_path).read_text())["version"]
         cid = image_path.name.replace(".nii.gz", "")
         truth = load_volume(self.root / "oracle" / f"{cid}_seg.nii.gz").array.astype(np.uint8)
-        rng = A.case_rng(version, cid, 0)
+        rng = case_rng(version, cid, 0)
         pred = truth.copy()
-        if A.variant_of(truth) == "L6" and version < 2:
-            pred = A.relabel(truth, {v: -1 for v in np.unique(truth) if v})
+        if variant_of(truth) == "L6" and version < 2:
+            pred = relabel(truth, {v: -1 for v in np.unique(truth) if v})
         noise = rng.random(truth.shape) < 0.08 / (1 + version)
         edge = (truth > 0) ^ (np.roll(truth, 1, axis=0) > 0)
         pred[noise & edge] = 0
@@ -73,13 +77,14 @@ class FakeModel:
         p.write_text(json.dumps({"version": v, "trained_on": sorted(c.case_id for c in cases)}))
         return p
 
-    def truth(self, case: A.Case, img) -> np.ndarray:
+    def truth(self, case: Case, img) -> np.ndarray:
         return load_volume(self.root / "oracle" / f"{case.case_id}_seg.nii.gz").array.astype(np.uint8)
 
 
 def run(root: Path, slow: float = 0.0) -> None:
     cases = make_cases(root) if not (root / "release").exists() else [
-        A.Case(p.name.replace(".nii.gz", ""), p.parent.parent.name, p, p.parent.parent / "gt")
+        Case(p.name.replace(".nii.gz", ""), p, p.parent.parent / "gt" / p.name.replace(".nii.gz", "_seg.nii.gz"),
+             p.parent.parent.name)
         for p in sorted((root / "release").glob("*/data/*.nii.gz"))]
     model0 = root / "model0.json"
     if not model0.exists():
@@ -90,9 +95,9 @@ def run(root: Path, slow: float = 0.0) -> None:
         time.sleep(slow)
         fake.predict(m, i, o)
 
-    with A.Ledger(root / "ledger.sqlite") as ledger:
-        A.run_rounds(ledger, cases, A.LoopConfig(batch_size=2, seed=7), model0, predict, fake.finetune,
-                     fake.truth, A.SimulatedTiers(seed=7), root / "work", log=lambda m: None)
+    with Ledger(root / "ledger.sqlite") as ledger:
+        run_rounds(ledger, cases, LoopConfig(batch_size=2, seed=7), model0, predict, fake.finetune,
+                     fake.truth, SimulatedTiers(seed=7), root / "work", log=lambda m: None)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib import browser
+from lib.viz import browser
+from lib.core import labels as L
+from lib.core.cases import Case
+from lib.viz import preview
+from lib.viz import render3d
+from lib.viz.style import save_figure
 from lib.io import save_volume
 from tests.annotation_fixtures import AFFINE, SHAPE, spine_mask
 
@@ -20,7 +25,7 @@ def case(tmp_path):
     paths = {}
     for name, arr in (("img", ct), ("gt", truth), ("pred", pred)):
         paths[name] = save_volume(arr, AFFINE, tmp_path / f"{name}.nii.gz")
-    return browser.CaseFiles("liver_001", paths["img"], paths["gt"], paths["pred"])
+    return Case("liver_001", paths["img"], paths["gt"], prediction=paths["pred"])
 
 
 def test_browser_view_changes_with_slider_window_and_overlay(case):
@@ -31,7 +36,7 @@ def test_browser_view_changes_with_slider_window_and_overlay(case):
     b.sliders["axial"].value = 5
     moved = b.image.value
     assert moved != first
-    b.window.value = "soft tissue"
+    b.window.value = "soft"
     assert b.image.value != moved
     off = b.image.value
     b.overlay.value = False
@@ -42,8 +47,8 @@ def test_browser_view_changes_with_slider_window_and_overlay(case):
 def test_per_vertebra_dice_in_craniocaudal_order(case):
     from lib.io import load_volume
 
-    t = load_volume(case.truth).array
-    p = load_volume(case.pred).array
+    t = load_volume(case.mask).array
+    p = load_volume(case.prediction).array
     d = browser.per_vertebra_dice(t, p)
     assert list(d) == ["T12", "L1", "L2", "L3", "L4", "L5"]
     assert d["T12"] == 0.0 and d["L3"] == 1.0
@@ -53,14 +58,14 @@ def test_headless_view_and_3d_render(case, tmp_path):
     png = browser.save_view(case, tmp_path / "view.png", window="bone")
     im = np.asarray(Image.open(png).convert("RGB"))
     assert im.shape[0] > 100 and im.std() > 10
-    r3 = browser.render_3d(spine_mask([24, 23, 22]), (2.0, 2.0, 2.0), tmp_path / "r3.png")
+    r3 = save_figure(render3d.plot_3d(spine_mask([24, 23, 22]), (2.0, 2.0, 2.0)), tmp_path / "r3.png", dpi=90)
     im3 = np.asarray(Image.open(r3).convert("RGB")).astype(int)
     # label colours appear in the render
-    l4 = np.array(browser.L.LABELS[23].rgb)
+    l4 = np.array(L.LABELS[23].rgb)
     assert (np.abs(im3 - l4).sum(axis=2) < 120).sum() > 50
 
 
 def test_preview_3d_offline_when_headless(case, tmp_path, capsys):
-    out = browser.preview_3d(case, interactive=False, use_itkwidgets=True, offline_png=tmp_path / "p.png")
+    out = preview.preview_3d(case, interactive=False, use_itkwidgets=True, offline_png=tmp_path / "p.png")
     assert out == tmp_path / "p.png" and out.exists()
     assert "itkwidgets 3D viewer not used" in capsys.readouterr().out

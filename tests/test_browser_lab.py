@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lib import report as report_mod
+from lib.app import report
 from lib.core.paths import REPO_ROOT
 from lib.io import save_volume
 from tests.annotation_fixtures import spine_mask
@@ -32,7 +32,7 @@ from tests.annotation_fixtures import spine_mask
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 CHROMIUM = shutil.which("chromium")
-ARGS = report_mod.CHROMIUM_ARGS
+ARGS = report.CHROMIUM_ARGS
 SHOTS = REPO_ROOT / "runs" / "browser_test"
 
 
@@ -85,8 +85,8 @@ def _write_case_notebook(root: Path) -> str:
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
     for name, arr in (("img", ct), ("gt", truth), ("pred", pred)):
         save_volume(arr, aff, root / f"{name}.nii.gz")
-    src = ("from lib.browser import CaseBrowser, CaseFiles\n"
-           "b = CaseBrowser([CaseFiles('liver_001', 'img.nii.gz', 'gt.nii.gz', 'pred.nii.gz')])\n"
+    src = ("from lib.core.cases import Case\nfrom lib.viz.browser import CaseBrowser\n"
+           "b = CaseBrowser([Case('liver_001', 'img.nii.gz', 'gt.nii.gz', prediction='pred.nii.gz')])\n"
            "b.widget")
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src)])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}

@@ -13,7 +13,21 @@ import pandas as pd
 import pydicom
 import pytest
 
-from lib import curation, io
+from lib import io
+from lib.io import atomic
+from lib.stages.curation import config
+from lib.stages.curation import convert
+from lib.datasets.ctspine1k import release as ctspine1k_release
+from lib.stages.curation import discover
+from lib.datasets.ctspine1k import ids as release_ids
+from lib.datasets import nnunet
+from lib.datasets import paper_facts
+from lib.stages.curation import phi
+from lib.stages.curation import release
+from lib.stages.curation import select
+from lib.datasets.ctspine1k import split_file
+from lib.datasets.ctspine1k import table1
+from lib.datasets import verse
 from lib.core import labels as L
 from lib.core import paths
 from lib.io.dicom_write import write_dicom_series
@@ -96,22 +110,22 @@ def sources(tmp_path):
     return root
 
 
-def _cfg(**kw) -> curation.CurationConfig:
+def _cfg(**kw) -> config.CurationConfig:
     pp = paths.for_profile("ci")
-    q = curation.QualityThresholds(min_slices=10, min_z_extent_mm=50.0, max_noise_hu=80.0)
+    q = config.QualityThresholds(min_slices=10, min_z_extent_mm=50.0, max_noise_hu=80.0)
     base = dict(sources_dir=pp.sources, release_dir=pp.release, stage_dir=pp.stage("01_curation"), seed=0,
                 quality=q, fallback_series=True)
     base.update(kw)
-    return curation.CurationConfig(**base)
+    return config.CurationConfig(**base)
 
 
 def _run(cfg, split_file_ids=None):
-    cands = curation.discover_candidates(cfg.sources_dir, cfg.sources)
-    sel = curation.select_series(cands, cfg)
-    conv = curation.convert_selected(sel, cfg, progress=False)
-    split = curation.assign_splits([c.release_id for c in conv.included], cfg, split_file_ids)
-    curation.write_release(cfg, conv, split)
-    curation.write_stage_tables(cfg, sel, conv, split)
+    cands = discover.discover_candidates(cfg.sources_dir, cfg.sources)
+    sel = select.select_series(cands, cfg)
+    conv = convert.convert_selected(sel, cfg, progress=False)
+    split = release.assign_splits([c.release_id for c in conv.included], cfg, split_file_ids)
+    release.write_release(cfg, conv, split)
+    release.write_stage_tables(cfg, sel, conv, split)
     return sel, conv, split
 
 
@@ -144,29 +158,29 @@ def test_faulty_series_are_excluded_with_reasons_and_the_others_converted(source
 
 def test_selection_rules_positions_time_point_and_path_table(sources, tmp_path):
     cfg = _cfg()
-    cands = curation.discover_candidates(cfg.sources_dir)
-    sel = {s.release_id: s for s in curation.select_series(cands, cfg).selections}
+    cands = discover.discover_candidates(cfg.sources_dir)
+    sel = {s.release_id: s for s in select.select_series(cands, cfg).selections}
     s1 = sel["1.3.6.1.4.1.9328.50.4.0001"]
     assert s1.candidate.position in ("supine", "prone") and len(s1.fallbacks) == 1
     assert s1.fallbacks[0].position != s1.candidate.position
     # same seed, same choice; the choice depends on the seed
-    again = {s.release_id: s for s in curation.select_series(cands, cfg).selections}
+    again = {s.release_id: s for s in select.select_series(cands, cfg).selections}
     assert again["1.3.6.1.4.1.9328.50.4.0001"].candidate.source_key == s1.candidate.source_key
-    picks = {curation.select_series(cands, _cfg(seed=k)).selections[0].candidate.position for k in range(12)}
+    picks = {select.select_series(cands, _cfg(seed=k)).selections[0].candidate.position for k in range(12)}
     assert picks == {"supine", "prone"}
     # HNSCC: time point by study date, not folder order
     hn = sel["HN_P001"]
     assert "2004-01-02" not in hn.reason and hn.candidate.study_key == "1.2.826.0.1.3680043.10.88.0"
-    last = {s.release_id: s for s in curation.select_series(cands, _cfg(hnscc_time_point=-1)).selections}["HN_P001"]
+    last = {s.release_id: s for s in select.select_series(cands, _cfg(hnscc_time_point=-1)).selections}["HN_P001"]
     assert last.candidate.study_key == "1.2.826.0.1.3680043.10.88.2"
     # Path.csv: fixes the series of a patient, no fallback
     table = tmp_path / "Path.csv"
     table.write_text("1.3.6.1.4.1.9328.50.4.0002/05-17-2003-Abdomen-COLONOGRAPHY-12345/3.000000-Prone-212\n")
-    chosen = {s.release_id: s for s in curation.select_series(cands, _cfg(path_csv=table)).selections}
+    chosen = {s.release_id: s for s in select.select_series(cands, _cfg(path_csv=table)).selections}
     c2 = chosen["1.3.6.1.4.1.9328.50.4.0002"]
     assert c2.candidate.position == "prone" and c2.reason == "Path.csv row" and not c2.fallbacks
     # subsets: seeded, of the requested size
-    sub = curation.select_series(cands, _cfg(subset_sizes={"MSD_T10": 1}))
+    sub = select.select_series(cands, _cfg(subset_sizes={"MSD_T10": 1}))
     assert sum(s.candidate.source == "MSD_T10" for s in sub.selections) == 1
     assert [d["reason"] for d in sub.dropped] == ["not in the seeded subset of 1"]
 
@@ -175,7 +189,7 @@ def test_selection_rules_positions_time_point_and_path_table(sources, tmp_path):
 
 
 def test_audit_finds_planted_identifiers_when_deidentification_is_off(sources):
-    identifiers = curation.collect_identifiers(sources, every_file=False)
+    identifiers = phi.collect_identifiers(sources, every_file=False)
     kinds = {i.kind for i in identifiers}
     assert {"PatientName", "PatientBirthDate", "InstitutionName", "AccessionNumber", "StudyDate",
             "folder_name", "nifti_descrip"} <= kinds
@@ -183,22 +197,22 @@ def test_audit_finds_planted_identifiers_when_deidentification_is_off(sources):
 
     cfg_off = _cfg(deidentify=False)
     _run(cfg_off)
-    leaks = curation.audit_phi([cfg_off.release_dir, cfg_off.stage_dir], identifiers)
+    leaks = phi.audit_phi([cfg_off.release_dir, cfg_off.stage_dir], identifiers)
     where = {(lk.kind, lk.where.split(" ")[0]) for lk in leaks}
     assert any(k == "PatientName" for k, _ in where)
     assert any(w.startswith("zip") for _, w in where)                      # metadata sheet
     assert any(w.startswith("gunzipped") for _, w in where)                # NIfTI header text
     assert any(k == "nifti_descrip" for k, _ in where)                     # MSD header text kept
-    with pytest.raises(curation.PHILeakError) as info:
-        curation.require_no_phi([cfg_off.release_dir], identifiers)
+    with pytest.raises(phi.PHILeakError) as info:
+        phi.require_no_phi([cfg_off.release_dir], identifiers)
     assert "TKA1B2" not in str(info.value)                                 # the report masks values
 
 
 def test_audit_finds_nothing_when_deidentification_is_on(sources):
-    identifiers = curation.collect_identifiers(sources, every_file=True)
+    identifiers = phi.collect_identifiers(sources, every_file=True)
     cfg = _cfg()
     _run(cfg)
-    rep = curation.require_no_phi([cfg.release_dir, cfg.stage_dir], identifiers)
+    rep = phi.require_no_phi([cfg.release_dir, cfg.stage_dir], identifiers)
     assert rep.passed and rep.files > 20 and rep.identifiers > 40
     # the metadata sheet kept the non-identifying tags, with an age band instead of dates
     sheet = pd.read_excel(cfg.release_dir / "metadata_colonog.xlsx")
@@ -210,9 +224,9 @@ def test_audit_finds_nothing_when_deidentification_is_on(sources):
 
 @pytest.mark.parametrize("where", ["file_name", "csv_date_reformatted", "nifti_aux", "xlsx", "name_part"])
 def test_audit_detects_each_kind_of_planted_leak(tmp_path, where):
-    ids = [curation.make_identifier("PatientName", "SMITHQ7Z2^ANNABEL", "PN"),
-           curation.make_identifier("StudyDate", "20060315", "DA"),
-           curation.make_identifier("AccessionNumber", "A7ZQ2X99", "SH")]
+    ids = [phi.make_identifier("PatientName", "SMITHQ7Z2^ANNABEL", "PN"),
+           phi.make_identifier("StudyDate", "20060315", "DA"),
+           phi.make_identifier("AccessionNumber", "A7ZQ2X99", "SH")]
     out = tmp_path / "out"
     out.mkdir()
     (out / "clean.csv").write_text("release_id,spacing\nliver_3,0.75\n2.25.1200603150,1\n")
@@ -228,7 +242,7 @@ def test_audit_detects_each_kind_of_planted_leak(tmp_path, where):
         pd.DataFrame({"n": ["Smith Q7Z2 note", "SMITHQ7Z2 ANNABEL"]}).to_excel(out / "m.xlsx", index=False)
     else:
         (out / "r.txt").write_text("seen by annabel.")
-    leaks = curation.audit_phi([out], [i for i in ids if i])
+    leaks = phi.audit_phi([out], [i for i in ids if i])
     assert len(leaks) >= 1, where
     assert all("clean.csv" not in lk.path for lk in leaks)  # digit-bounded date: no false hit in a UID
 
@@ -247,13 +261,13 @@ def test_audit_against_planted_values_of_the_sources_agent(tmp_path):
                    n_low_missing_slices=0, hnscc_time_points=1, inplane_mm=6.0)
     generate.generate_sources(pp, cfg_src, progress=False)
     planted = oracle.read_phi_planted(pp)
-    identifiers = curation.collect_identifiers(pp.sources, every_file=False)
+    identifiers = phi.collect_identifiers(pp.sources, every_file=False)
     values = {i.value for i in identifiers}
     for p in planted["values"]:
         assert p["value"].strip() in values, p["keyword"]
-    cfg = _cfg(quality=curation.QualityThresholds(min_slices=5, min_z_extent_mm=20.0))
+    cfg = _cfg(quality=config.QualityThresholds(min_slices=5, min_z_extent_mm=20.0))
     _run(cfg)
-    assert curation.require_no_phi([cfg.release_dir, cfg.stage_dir], identifiers).passed
+    assert phi.require_no_phi([cfg.release_dir, cfg.stage_dir], identifiers).passed
     blob = b"".join(p.read_bytes() for p in cfg.tables_dir.glob("*.csv")).lower()
     assert not any(t.lower().encode() in blob for t in planted["tokens"])
 
@@ -262,17 +276,17 @@ def test_audit_against_planted_values_of_the_sources_agent(tmp_path):
 
 
 def test_release_ids_and_source_patterns():
-    assert curation.release_id_for("COVID19", "volume-covid19-A-0014") == "volume-covid19-A-0014_ct"
-    assert curation.release_id_for("MSD_T10", "liver_3") == "liver_3"
-    pat = curation.merge_id_patterns({"VerSe": r"sub-verse\d{3}", "COLONOG": r"COLO-\d+"})
+    assert release_ids.release_id_for("COVID19", "volume-covid19-A-0014") == "volume-covid19-A-0014_ct"
+    assert release_ids.release_id_for("MSD_T10", "liver_3") == "liver_3"
+    pat = release_ids.merge_id_patterns({"VerSe": r"sub-verse\d{3}", "COLONOG": r"COLO-\d+"})
     cases = {"1.3.6.1.4.1.9328.50.4.0001.nii.gz": "COLONOG", "CTC-1018399231": "COLONOG", "COLO-7": "COLONOG",
              "HN_P031_seg.nii.gz": "HNSCC", "liver_199": "MSD_T10", "volume-covid19-A-0202_0_ct": "COVID19",
-             "sub-verse004": "VerSe", "HN_P1": curation.UNKNOWN}
+             "sub-verse004": "VerSe", "HN_P1": release_ids.UNKNOWN}
     for rid, src in cases.items():
-        assert curation.infer_source(rid, pat) == src, rid
-    assert curation.infer_source("COLO-7") == curation.UNKNOWN  # built-in table only
+        assert release_ids.infer_source(rid, pat) == src, rid
+    assert release_ids.infer_source("COLO-7") == release_ids.UNKNOWN  # built-in table only
     with pytest.raises(ValueError, match="extra_id_patterns"):
-        curation.merge_id_patterns({"X": "("})
+        release_ids.merge_id_patterns({"X": "("})
 
 
 def test_split_file_gives_per_source_counts_and_reports_unknown_ids(tmp_path):
@@ -281,38 +295,38 @@ def test_split_file_gives_per_source_counts_and_reports_unknown_ids(tmp_path):
                  "liver_0.nii.gz\nweird-scan-7.nii.gz\n\ntest_public:\r\nCTC-1018399231.nii.gz\nliver_1.nii.gz\n"
                  "volume-covid19-A-0003_ct.nii.gz\n\ntest_private:\nHN_P002.nii.gz\n"
                  "volume-covid19-A-0319_ct.nii.gzvolume-covid19-A-0320_ct.nii.gz\n")
-    assignment, notes = curation.read_split_file(f)
+    assignment, notes = split_file.read_split_file(f)
     assert assignment["weird-scan-7"] == "trainset" and assignment["volume-covid19-A-0320_ct"] == "test_private"
     assert any("ran together" in n for n in notes)
-    counts = curation.count_by_source_split(assignment).set_index("source")
+    counts = release_ids.count_by_source_split(assignment).set_index("source")
     assert counts.loc["COLONOG", ["trainset", "test_public", "test_private"]].tolist() == [2, 1, 0]
     assert counts.loc["HNSCC", "all"] == 2 and counts.loc["COVID19", "test_private"] == 2
     assert counts.loc["unknown", "trainset"] == 1 and counts.loc["total", "all"] == 11
-    assert curation.unknown_ids(assignment) == ["weird-scan-7"]
+    assert release_ids.unknown_ids(assignment) == ["weird-scan-7"]
     # used for a release: IDs not on disk and cases not in the file are reported, none dropped
     cfg = _cfg()
-    res = curation.assign_splits(["HN_P001", "liver_0", "weird-scan-7", "liver_5"], cfg, assignment)
+    res = release.assign_splits(["HN_P001", "liver_0", "weird-scan-7", "liver_5"], cfg, assignment)
     assert res.assignment["HN_P001"] == "trainset" and res.origin["liver_5"] == "seeded"
     assert res.unknown_ids == ["weird-scan-7"] and "weird-scan-7" in " ".join(res.notes)
     assert res.not_listed == ["liver_5"] and "HN_P002" in res.listed_missing
     # written back in the official format, read back identically
-    out = curation.write_split_file(tmp_path / "again.txt", assignment)
-    assert curation.read_split_file(out)[0] == assignment
+    out = split_file.write_split_file(tmp_path / "again.txt", assignment)
+    assert split_file.read_split_file(out)[0] == assignment
     with pytest.raises(ValueError, match="before any"):
         (tmp_path / "bad.txt").write_text("liver_0.nii.gz\n")
-        curation.read_split_file(tmp_path / "bad.txt")
+        split_file.read_split_file(tmp_path / "bad.txt")
 
 
 def test_stratified_split_has_the_paper_proportions_and_is_seeded():
     ids = ([f"1.3.6.1.4.1.9328.50.4.{i:04d}" for i in range(1, 785)] + [f"HN_P{i:03d}" for i in range(1, 32)]
            + [f"liver_{i}" for i in range(150)] + [f"volume-covid19-A-{i:04d}_ct" for i in range(40)])
-    a = curation.split_stratified(ids, seed=3)
-    counts = curation.count_by_source_split(a).set_index("source")
-    for src, want in curation.PAPER_SPLIT_COUNTS.items():
+    a = split_file.split_stratified(ids, seed=3)
+    counts = release_ids.count_by_source_split(a).set_index("source")
+    for src, want in paper_facts.PAPER_SPLIT_COUNTS.items():
         assert counts.loc[src, list(paths.SPLITS)].tolist() == [want[s] for s in paths.SPLITS], src
-    assert curation.split_stratified(ids, seed=3) == a
-    assert curation.split_stratified(ids, seed=4) != a
-    small = curation.split_stratified([f"liver_{i}" for i in range(10)], seed=0)
+    assert split_file.split_stratified(ids, seed=3) == a
+    assert split_file.split_stratified(ids, seed=4) != a
+    small = split_file.split_stratified([f"liver_{i}" for i in range(10)], seed=0)
     assert sorted(pd.Series(small).value_counts().tolist()) == [2, 2, 6]
 
 
@@ -360,7 +374,7 @@ def _mask(labels_present, shape=SHAPE):
 def test_table1_and_exports_with_masks(sources, tmp_path):
     cfg = _cfg()
     _, conv, split = _run(cfg)
-    t0 = curation.build_table1(cfg.release_dir, with_masks=False)
+    t0 = table1.build_table1(cfg.release_dir, with_masks=False)
     tot = t0[(t0.source == "total") & (t0.split == "all")].iloc[0]
     assert tot.patients == len(split.assignment) and tot.paper_patients == 1005
     assert t0[(t0.source == "COLONOG") & (t0.split == "all")].iloc[0].spacing_z_mm == pytest.approx(2.5)
@@ -370,21 +384,21 @@ def test_table1_and_exports_with_masks(sources, tmp_path):
              "HN_P001": list(range(1, 9))}                         # C1..T1
     for rid, labs in masks.items():
         io.save_volume(_mask(labs), AFF, cfg.release_dir / split.assignment[rid] / "gt" / f"{rid}_seg.nii.gz")
-    t1 = curation.build_table1(paths.for_profile("ci"), with_masks=True)
+    t1 = table1.build_table1(paths.for_profile("ci"), with_masks=True)
     tot = t1[(t1.source == "total") & (t1.split == "all")].iloc[0]
     assert tot.cases_with_mask == 3 and tot.vertebrae == 11 + 8 + 8
     assert (tot.cervical, tot.thoracic, tot.lumbar) == (7, 1 + 5 + 4, 6 + 4)
     assert tot.L6_cases == 1 and tot.sacralization_cases == 1 and tot.paper_vertebrae == 11172
-    special = curation.find_special_cases(cfg.release_dir)
+    special = ctspine1k_release.find_special_cases(cfg.release_dir)
     assert special["L6"] == ["1.3.6.1.4.1.9328.50.4.0001"]
     assert special["lumbar_sacralization"] == ["1.3.6.1.4.1.9328.50.4.0002"]
-    readme = curation.write_readme(cfg.release_dir).read_text()
+    readme = ctspine1k_release.write_readme(cfg.release_dir).read_text()
     assert "sacral lumbarization (L6 labelled as 25): 1" in readme and "1.3.6.1.4.1.9328.50.4.0001" in readme
 
     # nnU-Net v2: trainset cases with masks -> imagesTr/labelsTr; tests -> imagesTs
     bad = next(r for r, s in split.assignment.items() if s == "trainset" and r not in masks)
     io.save_volume(np.zeros((5, 5, 5), np.uint8), AFF, cfg.release_dir / "trainset" / "gt" / f"{bad}_seg.nii.gz")
-    ds = curation.export_nnunet(cfg.release_dir, tmp_path / "nnunet", 501, "CTSpine1K")
+    ds = nnunet.export_nnunet(cfg.release_dir, tmp_path / "nnunet", 501, "CTSpine1K")
     assert ds.name == "Dataset501_CTSpine1K"
     meta = json.loads((ds / "dataset.json").read_text())
     assert meta["labels"]["background"] == 0 and meta["labels"]["L6"] == 25 and len(meta["labels"]) == 26
@@ -396,12 +410,12 @@ def test_table1_and_exports_with_masks(sources, tmp_path):
     tests = [r for r, s in split.assignment.items() if s != "trainset"]
     assert sorted(p.name for p in (ds / "imagesTs").iterdir()) == sorted(f"{r}_0000.nii.gz" for r in tests)
     assert f"{bad}: mask shape" in (ds / "skipped.txt").read_text()
-    assert curation.export_nnunet(cfg.release_dir, tmp_path / "nnunet", 501, "CTSpine1K") == ds  # idempotent
+    assert nnunet.export_nnunet(cfg.release_dir, tmp_path / "nnunet", 501, "CTSpine1K") == ds  # idempotent
 
     # VerSe centroids: read back with the VerSe reader, they are the masks' centres of mass
     from lib.datasets.verse import read_verse_centroids
 
-    files = curation.export_verse_centroids(cfg.release_dir, tmp_path / "ctd")
+    files = verse.export_verse_centroids(cfg.release_dir, tmp_path / "ctd")
     assert len(files) == 4
     rid = "1.3.6.1.4.1.9328.50.4.0001"
     f = tmp_path / "ctd" / split.assignment[rid] / f"{rid}_seg-subreg_ctd.json"
@@ -415,8 +429,8 @@ def test_table1_and_exports_with_masks(sources, tmp_path):
 
 
 def test_metadata_age_band_and_bad_inputs_named(sources, tmp_path):
-    assert curation._age_band({"PatientAge": "093Y"}) == "90+"
-    assert curation._age_band({"PatientBirthDate": "19600720", "StudyDate": "20050719"}) == "40-49"
+    assert convert._age_band({"PatientAge": "093Y"}) == "90+"
+    assert convert._age_band({"PatientBirthDate": "19600720", "StudyDate": "20050719"}) == "40-49"
     # a truncated NIfTI source is excluded with a reason naming the fault, the run goes on
     bad = paths.for_profile("ci").sources / "COVID19" / "volume-covid19-A-0099.nii.gz"
     raw = (paths.for_profile("ci").sources / "COVID19" / "volume-covid19-A-0014.nii.gz").read_bytes()
@@ -427,7 +441,7 @@ def test_metadata_age_band_and_bad_inputs_named(sources, tmp_path):
     assert row.check == "unreadable" and "gzip" in row.message
     assert "volume-covid19-A-0014_ct" in {c.release_id for c in conv.included}
     with pytest.raises(FileNotFoundError, match="sources folder not found"):
-        curation.discover_candidates(tmp_path / "nowhere")
+        discover.discover_candidates(tmp_path / "nowhere")
 
 
 def test_params_files_match_the_notebook():
@@ -436,7 +450,7 @@ def test_params_files_match_the_notebook():
     for profile in ("synthetic", "ci", "paper"):
         values = params.load_params(params.params_file(profile, "01_curation"), "01_curation")
         assert values["profile"] == profile
-        cfg = curation.CurationConfig.from_params(values, paths.for_profile(profile))
+        cfg = config.CurationConfig.from_params(values, paths.for_profile(profile))
         assert cfg.stage_dir.name == "01_curation"
 
 
@@ -446,15 +460,15 @@ def test_xlsx_members_are_searched(tmp_path):
     pd.DataFrame({"a": ["ok", "RIVERTON CLINIC ZZ9QX1"]}).to_excel(p, index=False)
     with zipfile.ZipFile(p) as z:
         assert any(n.endswith(".xml") for n in z.namelist())
-    ident = curation.make_identifier("InstitutionName", "RIVERTON CLINIC ZZ9QX1")
-    leaks = curation.audit_phi([tmp_path], [ident])
+    ident = phi.make_identifier("InstitutionName", "RIVERTON CLINIC ZZ9QX1")
+    leaks = phi.audit_phi([tmp_path], [ident])
     assert leaks and leaks[0].where.startswith("zip member")
 
 
 def test_run_killed_during_placement_resumes_to_the_same_release(sources, monkeypatch):
     cfg = _cfg()
     calls = {"n": 0}
-    real_move = curation.move_atomic
+    real_move = atomic.move_atomic
 
     def dying_move(src, dst):
         calls["n"] += 1
@@ -462,10 +476,10 @@ def test_run_killed_during_placement_resumes_to_the_same_release(sources, monkey
             raise KeyboardInterrupt("killed")
         real_move(src, dst)
 
-    monkeypatch.setattr(curation, "move_atomic", dying_move)
+    monkeypatch.setattr(release, "move_atomic", dying_move)
     with pytest.raises(KeyboardInterrupt):
         _run(cfg)
-    monkeypatch.setattr(curation, "move_atomic", real_move)
+    monkeypatch.setattr(release, "move_atomic", real_move)
     assert sum(1 for _ in cfg.release_dir.glob("*/data/*.nii.gz")) == 2  # half-way
     _, conv, split = _run(cfg)
     assert conv.converted == 0  # nothing converted twice

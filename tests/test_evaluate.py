@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import evaluate, metrics
+from lib import evaluation as evaluate
+from lib import metrics
 from lib.core.labels import name
 from lib.core.parallel import CaseErrors
 from lib.io import save_volume
@@ -192,7 +193,7 @@ def test_build_table2_layout_and_paper_cells(folders):
 def test_cli_on_a_tiny_folder_pair(folders, tmp_path):
     gt_dir, pred_dir = folders
     out = tmp_path / "cli_out"
-    proc = subprocess.run([sys.executable, "-m", "lib.evaluate", "--gt", str(gt_dir), "--pred", str(pred_dir),
+    proc = subprocess.run([sys.executable, "-m", "lib.evaluation", "--gt", str(gt_dir), "--pred", str(pred_dir),
                            "--out", str(out), "--labels", "1-25", "--hd95", "max", "--workers", "0",
                            "--no-progress"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -200,7 +201,7 @@ def test_cli_on_a_tiny_folder_pair(folders, tmp_path):
     s = json.loads((out / evaluate.SUMMARY_JSON).read_text())
     assert s["hd95_definition"] == "max" and s["n_missing_cases"] == 1
     assert "test_public DSC (paper)" in (out / evaluate.TABLE2_CSV).read_text()
-    bad = subprocess.run([sys.executable, "-m", "lib.evaluate", "--gt", str(tmp_path / "nope"), "--pred",
+    bad = subprocess.run([sys.executable, "-m", "lib.evaluation", "--gt", str(tmp_path / "nope"), "--pred",
                           str(pred_dir), "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
 

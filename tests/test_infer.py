@@ -8,7 +8,12 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from lib import infer, model, train
+from lib.imaging import components, instances
+from lib.ml import inference
+from lib.ml import losses
+from lib.ml import planning
+from lib.ml import sliding_window
+from lib.ml import trainer
 from lib.io import load_volume, save_volume
 from tests.test_model import make_toy_case, toy_cases
 
@@ -21,9 +26,9 @@ def trained(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("infer_model")
     cases = toy_cases(root / "d", 4)
-    plan = model.plan_experiment(cases, "synthetic", base_filters=4, max_filters=16, coarse_spacing_mm=4.0,
+    plan = planning.plan_experiment(cases, "synthetic", base_filters=4, max_filters=16, coarse_spacing_mm=4.0,
                                  roi_margin_mm=8.0, deep_supervision=1)
-    res = train.train(cases, root / "model", plan, max_epochs=30, iterations_per_epoch=5, seed=0, progress=False,
+    res = trainer.train(cases, root / "model", plan, max_epochs=30, iterations_per_epoch=5, seed=0, progress=False,
                       device="cpu")
     return res.model_dir, cases
 
@@ -55,7 +60,7 @@ def test_sliding_window_equals_direct_and_is_memory_bounded():
         seen.append((z0, z1))
         got[..., z0:z1] = probs
 
-    info = infer.sliding_window(net, img, (8, 8, 16), 3, consume, overlap=0.5)
+    info = sliding_window.sliding_window(net, img, (8, 8, 16), 3, consume, overlap=0.5)
     assert np.allclose(got, direct, atol=1e-5)
     # every slice emitted once, in order; never more than ~2 patch heights of all classes held
     assert seen[0][0] == 0 and seen[-1][1] == 100
@@ -64,7 +69,7 @@ def test_sliding_window_equals_direct_and_is_memory_bounded():
     # an image smaller than the patch is padded around (centred), not cut
     small = img[:5, :6, :7]
     out = np.zeros((3, 5, 6, 7), np.float32)
-    infer.sliding_window(net, small, (8, 8, 16), 3, lambda a, b, p: out.__setitem__((Ellipsis, slice(a, b)), p))
+    sliding_window.sliding_window(net, small, (8, 8, 16), 3, lambda a, b, p: out.__setitem__((Ellipsis, slice(a, b)), p))
     assert np.allclose(out, direct[:, :5, :6, :7], atol=1e-5)
 
 
@@ -74,7 +79,7 @@ def test_mirror_tta_is_exact_for_a_symmetric_net_and_changes_an_asymmetric_one()
     for name, net in (("point", _Pointwise()), ("conv", torch.nn.Conv3d(1, 3, 3, padding=1))):
         for tta in ((), (0,)):
             out = np.zeros((3, 8, 8, 16), np.float32)
-            infer.sliding_window(net.eval(), img, (8, 8, 16), 3,
+            sliding_window.sliding_window(net.eval(), img, (8, 8, 16), 3,
                                  lambda a, b, p, o=out: o.__setitem__((Ellipsis, slice(a, b)), p), tta_axes=tta)
             runs[name, tta] = out
     assert np.allclose(runs["point", ()], runs["point", (0,)], atol=1e-6)
@@ -82,7 +87,7 @@ def test_mirror_tta_is_exact_for_a_symmetric_net_and_changes_an_asymmetric_one()
 
 
 def test_gaussian_importance_peaks_in_the_centre():
-    w = infer.gaussian_importance((9, 11, 16))
+    w = sliding_window.gaussian_importance((9, 11, 16))
     assert w.max() == pytest.approx(1.0) and w.min() > 0
     assert np.unravel_index(np.argmax(w), w.shape)[:2] == (4, 5)
     assert np.allclose(w, w[::-1, ::-1, ::-1])
@@ -94,14 +99,14 @@ def test_postprocess_keeps_largest_component_per_label_and_drops_specks():
     lab[12:14, 12:14, 12:14] = 5  # second, smaller component of label 5
     lab[2:8, 2:8, 10:16] = 6
     lab[17, 17, 17] = 7        # a one-voxel speck
-    out = infer.postprocess_labels(lab, (1, 1, 1), largest_component=True, min_component_mm3=5)
+    out = components.postprocess_labels(lab, (1, 1, 1), largest_component=True, min_component_mm3=5)
     assert (out == 5).sum() == 216 and (out[12:14, 12:14, 12:14] == 0).all()
     assert (out == 6).sum() == 216 and (out == 7).sum() == 0
-    assert (infer.postprocess_labels(lab, (1, 1, 1), False, 0) == lab).all()
+    assert (components.postprocess_labels(lab, (1, 1, 1), False, 0) == lab).all()
     # a stray piece of label 6 stuck to vertebra 5 is relabelled 5, not deleted
     lab2 = lab.copy()
     lab2[8, 3:6, 3:6] = 6
-    out2 = infer.postprocess_labels(lab2, (1, 1, 1), largest_component=True, min_component_mm3=5)
+    out2 = components.postprocess_labels(lab2, (1, 1, 1), largest_component=True, min_component_mm3=5)
     assert (out2[8, 3:6, 3:6] == 5).all() and (out2 == 6).sum() == 216
 
 
@@ -128,7 +133,7 @@ def test_prediction_has_the_input_shape_and_affine(trained, tmp_path, orientatio
         data = np.transpose(a, (2, 0, 1))
     src = tmp_path / f"img_{orientation}.nii.gz"
     save_volume(np.ascontiguousarray(data), aff, src)
-    out = infer.predict_case(model_dir, src, tmp_path / f"pred_{orientation}.nii.gz")
+    out = inference.predict_case(model_dir, src, tmp_path / f"pred_{orientation}.nii.gz")
     img_in, img_out = nib.load(str(src)), nib.load(str(out))
     assert img_out.shape == img_in.shape
     assert np.allclose(img_out.affine, img_in.affine, atol=1e-5)
@@ -136,7 +141,7 @@ def test_prediction_has_the_input_shape_and_affine(trained, tmp_path, orientatio
     pred = np.asarray(img_out.dataobj)
     assert pred.any()
     if orientation != "RAS":  # same anatomy, same prediction once back in RAS order
-        ref = np.asarray(nib.load(str(infer.predict_case(model_dir, cases[3][1], tmp_path / "pred_ref.nii.gz"))).dataobj)
+        ref = np.asarray(nib.load(str(inference.predict_case(model_dir, cases[3][1], tmp_path / "pred_ref.nii.gz"))).dataobj)
         back = load_volume(out).array
         assert np.array_equal(back, ref)
 
@@ -144,9 +149,9 @@ def test_prediction_has_the_input_shape_and_affine(trained, tmp_path, orientatio
 def test_trained_toy_model_finds_the_spine(trained, tmp_path):
     model_dir, cases = trained
     make_toy_case(tmp_path / "new.nii.gz", tmp_path / "new_seg.nii.gz", seed=42)
-    pred = load_volume(infer.predict_case(model_dir, tmp_path / "new.nii.gz", tmp_path / "p.nii.gz")).array
+    pred = load_volume(inference.predict_case(model_dir, tmp_path / "new.nii.gz", tmp_path / "p.nii.gz")).array
     gt = load_volume(tmp_path / "new_seg.nii.gz").array
-    spine, _ = train.dice_scores(pred > 0, gt > 0, 2)
+    spine, _ = losses.dice_scores(pred > 0, gt > 0, 2)
     assert spine > 0.6
     assert set(np.unique(pred)) <= {0, 20, 21, 22, 23}
 
@@ -157,26 +162,26 @@ def test_predict_cases_parallel_collects_failures_and_skips_done(trained, tmp_pa
     bad.write_bytes(open(cases[0][1], "rb").read()[:200])  # truncated gzip
     items = [(c[0], c[1], str(tmp_path / f"{c[0]}_seg.nii.gz")) for c in cases[:2]]
     items.append(("broken", str(bad), str(tmp_path / "broken_seg.nii.gz")))
-    res = infer.predict_cases(model_dir, items, workers=2, progress=False)
+    res = inference.predict_cases(model_dir, items, workers=2, progress=False)
     assert sorted(res.values) == ["t0", "t1"] and res.failed_ids == ["broken"]
     assert "broken.nii.gz" in res.failures[0].message
     stamp = (tmp_path / "t0_seg.nii.gz").stat().st_mtime_ns
-    infer.predict_cases(model_dir, items[:1], workers=0, progress=False)
+    inference.predict_cases(model_dir, items[:1], workers=0, progress=False)
     assert (tmp_path / "t0_seg.nii.gz").stat().st_mtime_ns == stamp  # skipped
-    infer.predict_cases(model_dir, items[:1], workers=0, overwrite=True, progress=False)
+    inference.predict_cases(model_dir, items[:1], workers=0, overwrite=True, progress=False)
     assert (tmp_path / "t0_seg.nii.gz").stat().st_mtime_ns != stamp
 
 
 def test_single_stage_plan_predicts_on_its_own_grid(tmp_path):
     cases = toy_cases(tmp_path / "d", 2)
-    fp = model.extract_fingerprint(cases)
-    plan = model.plan_experiment(fp, "paper", base_filters=4, max_filters=8, memory_fraction=0.01,
+    fp = planning.extract_fingerprint(cases)
+    plan = planning.plan_experiment(fp, "paper", base_filters=4, max_filters=8, memory_fraction=0.01,
                                  target_spacing_mm=[3.0, 3.0, 3.0], deep_supervision=1,
                                  training={"optimizer": "adamw", "lr": 3e-3, "amp": False, "num_workers": 0})
-    res = train.train(cases, tmp_path / "m", plan, max_epochs=2, iterations_per_epoch=2, progress=False)
-    m = infer.load_model(res.model_dir, "cpu")
+    res = trainer.train(cases, tmp_path / "m", plan, max_epochs=2, iterations_per_epoch=2, progress=False)
+    m = inference.load_model(res.model_dir, "cpu")
     vol = load_volume(cases[0][1])
-    lab = infer.predict_volume(m, vol.array, vol.spacing, tta=True)
+    lab = inference.predict_volume(m, vol.array, vol.spacing, tta=True)
     assert lab.shape == vol.shape and lab.dtype == np.uint8
     assert set(np.unique(lab)) <= {0, 20, 21, 22, 23}
 
@@ -189,9 +194,9 @@ def test_split_at_necks_moves_a_misplaced_boundary_to_the_thin_joint():
     lab[9:11, 9:11, 18:21] = 1  # the neck
     lab[2:18, 2:18, 21:37] = 2
     lab[2:18, 2:18, 21:23] = 1  # misplaced boundary
-    out = infer.split_at_necks(lab, (1.0, 1.0, 1.0), core_fraction=0.3)
+    out = instances.split_at_necks(lab, (1.0, 1.0, 1.0), core_fraction=0.3)
     assert np.array_equal(out > 0, lab > 0)  # the spine mask is untouched
     assert (out[2:18, 2:18, 2:18] == 1).all() and (out[2:18, 2:18, 21:37] == 2).all()
     assert set(np.unique(out)) == {0, 1, 2}
     # anisotropic spacing is honoured and an empty map passes through
-    assert not infer.split_at_necks(np.zeros((4, 4, 4), np.uint8), (1, 1, 3)).any()
+    assert not instances.split_at_necks(np.zeros((4, 4, 4), np.uint8), (1, 1, 3)).any()

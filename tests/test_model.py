@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from lib import model
+from lib.ml import networks
+from lib.ml import planning
+from lib.ml import plans
 from lib.io import load_volume, save_volume
 
 
@@ -48,14 +50,14 @@ def _fp(spacings, shapes, labels=(1, 2, 3)):
     rng = np.random.default_rng(0)
     per = [{"case_id": f"c{i}", "shape": list(sh), "spacing_mm": list(sp), "labels": list(labels),
             "fg_samples": rng.normal(300, 100, 500).tolist()} for i, (sp, sh) in enumerate(zip(spacings, shapes, strict=False))]
-    return model.summarise_fingerprint(per)
+    return planning.summarise_fingerprint(per)
 
 
 def test_fingerprint_reads_canonical_spacing_and_foreground(tmp_path):
     # an LPS file with anisotropic spacing: fingerprint must report RAS axis order
     aff = np.diag([-0.8, -0.9, 2.5, 1.0])
     cases = toy_cases(tmp_path, 2, spacing=(0.8, 0.9, 2.5), affine=aff)
-    fp = model.extract_fingerprint(cases)
+    fp = planning.extract_fingerprint(cases)
     assert fp["n_cases"] == 2
     assert fp["median_spacing_mm"] == pytest.approx([0.8, 0.9, 2.5])
     assert fp["labels"] == [20, 21, 22, 23]
@@ -66,17 +68,17 @@ def test_fingerprint_reads_canonical_spacing_and_foreground(tmp_path):
 
 def test_target_spacing_median_or_p10_when_anisotropic():
     iso = _fp([(1.0, 1.0, 1.2)] * 3 + [(0.8, 0.8, 1.0)] * 2, [(100, 100, 100)] * 5)
-    assert model.target_spacing(iso) == pytest.approx([1.0, 1.0, 1.2])
+    assert planning.target_spacing(iso) == pytest.approx([1.0, 1.0, 1.2])
     zs = [5.0, 5.0, 4.5, 5.0, 1.5, 5.0, 5.0, 5.0, 5.0, 2.5]
     aniso = _fp([(0.8, 0.8, z) for z in zs], [(512, 512, 90)] * len(zs))
-    t = model.target_spacing(aniso)
+    t = planning.target_spacing(aniso)
     assert t[:2] == pytest.approx([0.8, 0.8])
     assert t[2] == pytest.approx(np.percentile(zs, 10))  # not the median 5.0
     assert t[2] < 5.0
 
 
 def test_topology_pools_anisotropic_axis_late_and_uses_1_kernels():
-    strides, kernels, div = model.get_topology((160, 160, 32), (0.8, 0.8, 4.0))
+    strides, kernels, div = planning.get_topology((160, 160, 32), (0.8, 0.8, 4.0))
     assert strides[0] == [1, 1, 1]
     # z (5x coarser) is not pooled until in-plane spacing reached within a factor 2
     assert strides[1] == [2, 2, 1] and strides[2] == [2, 2, 1]
@@ -88,17 +90,17 @@ def test_topology_pools_anisotropic_axis_late_and_uses_1_kernels():
 
 
 def test_plan_patch_respects_memory_budget_and_divisibility():
-    budget = model.reference_budget() * 0.05
-    patch, strides, kernels, filters = model.plan_patch((300, 300, 300), (1.0, 1.0, 1.0), budget, 16, 128, 2)
-    assert model.estimate_memory(patch, strides, filters, 2) <= budget
-    assert all(p % d == 0 for p, d in zip(patch, model.divisibility(strides), strict=False))
-    bigger = model.plan_patch((300, 300, 300), (1.0, 1.0, 1.0), budget * 8, 16, 128, 2)[0]
+    budget = planning.reference_budget() * 0.05
+    patch, strides, kernels, filters = planning.plan_patch((300, 300, 300), (1.0, 1.0, 1.0), budget, 16, 128, 2)
+    assert planning.estimate_memory(patch, strides, filters, 2) <= budget
+    assert all(p % d == 0 for p, d in zip(patch, plans.divisibility(strides), strict=False))
+    bigger = planning.plan_patch((300, 300, 300), (1.0, 1.0, 1.0), budget * 8, 16, 128, 2)[0]
     assert np.prod(bigger) > np.prod(patch)
 
 
 def test_paper_plan_is_3d_fullres_like():
     fp = _fp([(0.8, 0.8, 1.0)] * 6, [(512, 512, 600)] * 6, labels=range(1, 25))
-    plan = model.plan_experiment(fp, "paper")
+    plan = planning.plan_experiment(fp, "paper")
     assert plan.combine == "single" and [s.name for s in plan.stages] == ["3d_fullres"]
     st = plan.stages[0]
     assert st.filters[0] == 32 and max(st.filters) == 320 and len(st.strides) == 6
@@ -111,7 +113,7 @@ def test_paper_plan_is_3d_fullres_like():
 def test_synthetic_plan_is_a_small_cascade_covering_the_fov():
     fp = _fp([(2.0, 2.0, 2.0)] * 6, [(190, 190, 380)] * 6, labels=range(1, 26))
     fp["p90_fg_extent_mm"] = [110.0, 120.0, 600.0]
-    plan = model.plan_experiment(fp, "synthetic", roi_margin_mm=30.0)
+    plan = planning.plan_experiment(fp, "synthetic", roi_margin_mm=30.0)
     locate, coarse, fine = plan.stages
     assert plan.combine == "label_transfer"
     assert locate.task == "foreground" and locate.roi_from is None and locate.whole_volume
@@ -122,29 +124,29 @@ def test_synthetic_plan_is_a_small_cascade_covering_the_fov():
     assert np.all(extent >= np.asarray([110.0, 120.0, 600.0]) + 60 - 1e-6)  # the whole spine + margins
     assert fine.task == "foreground" and fine.spacing_mm == [2.0, 2.0, 2.0] and fine.roi_from == "locate"
     assert plan.inference["gate"]["stage"] == "locate"
-    assert model.count_parameters(model.build_network(plan, "fine")) < 3e6
+    assert networks.count_parameters(networks.build_network(plan, "fine")) < 3e6
 
 
 def test_plan_json_round_trip_and_validation(tmp_path):
     fp = _fp([(2.0, 2.0, 2.0)] * 3, [(64, 64, 128)] * 3, labels=(20, 21, 28))
-    plan = model.plan_experiment(fp, "synthetic", label_map={28: 0})
+    plan = planning.plan_experiment(fp, "synthetic", label_map={28: 0})
     assert plan.labels == [20, 21]  # T13 mapped away
-    model.save_plan(plan, tmp_path / "plan.json")
-    again = model.load_plan(tmp_path)
+    plans.save_plan(plan, tmp_path / "plan.json")
+    again = plans.load_plan(tmp_path)
     assert again == plan and again.label_map == {28: 0}
-    bad = model.plan_to_dict(plan)
+    bad = plans.plan_to_dict(plan)
     bad["stages"][0]["patch_size"] = [13, 13, 13]
     with pytest.raises(ValueError, match="not divisible"):
-        model.plan_from_dict(bad)
+        plans.plan_from_dict(bad)
     with pytest.raises(FileNotFoundError):
-        model.load_plan(tmp_path / "nothing")
+        plans.load_plan(tmp_path / "nothing")
 
 
 def test_build_network_shapes_with_deep_supervision():
     fp = _fp([(2.0, 2.0, 2.0)] * 3, [(32, 32, 64)] * 3, labels=(1, 2, 3))
-    plan = model.plan_experiment(fp, "synthetic", base_filters=4, max_filters=16)
+    plan = planning.plan_experiment(fp, "synthetic", base_filters=4, max_filters=16)
     st = plan.stage("fine")
-    net = model.build_network(plan, st)
+    net = networks.build_network(plan, st)
     x = torch.zeros(1, 1, *st.patch_size)
     net.train()
     out = net(x)
@@ -153,7 +155,7 @@ def test_build_network_shapes_with_deep_supervision():
     with torch.no_grad():
         assert net(x).shape == (1, 2, *st.patch_size)
     cst = plan.stage("coarse")  # the levels stage: CT + z-coordinate in, K - 1 thresholds out
-    coarse = model.build_network(plan, cst).eval()
+    coarse = networks.build_network(plan, cst).eval()
     with torch.no_grad():
         y = coarse(torch.zeros(1, 2, *cst.patch_size))
     assert cst.in_channels == 2 and y.shape[1] == len(plan.labels) - 1
@@ -163,5 +165,5 @@ def test_fingerprint_rejects_mismatched_mask(tmp_path):
     img, msk = make_toy_case(tmp_path / "a.nii.gz", tmp_path / "a_seg.nii.gz", 0)
     save_volume(np.zeros((5, 5, 5), np.uint8), np.eye(4), tmp_path / "bad_seg.nii.gz")
     with pytest.raises(Exception, match="bad_seg"):
-        model.extract_fingerprint([("a", str(img), str(tmp_path / "bad_seg.nii.gz"))])
+        planning.extract_fingerprint([("a", str(img), str(tmp_path / "bad_seg.nii.gz"))])
     assert load_volume(msk).array.max() == 23

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lib import pipeline
+from lib.app import pipeline
 from lib.core.params import ParamsError
 
 

@@ -8,8 +8,9 @@ import nbformat
 import pandas as pd
 from PIL import Image
 
-from lib import report
-from lib.core import paths, runinfo
+from lib.app import report
+from lib.core import paths
+from lib.stages.context import write_run_record
 
 
 def test_report_lists_tables_figures_and_notebooks(tmp_path):
@@ -22,7 +23,7 @@ def test_report_lists_tables_figures_and_notebooks(tmp_path):
     Image.new("RGB", (20, 20), (200, 10, 10)).save(st / "figures" / "dice_by_vertebra.png")
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Benchmark"), nbformat.v4.new_code_cell("1+1")])
     nbformat.write(nb, str(st / "04_benchmark.ipynb"))
-    runinfo.write_run_record(st, {"profile": "ci", "seed": 0}, timings={"train": 12.5})
+    write_run_record(st, {"profile": "ci", "seed": 0}, timings={"train": 12.5})
     out = report.build_report("ci")
     page = out.read_text()
     assert out == p.runs / "report.html"

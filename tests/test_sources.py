@@ -165,7 +165,7 @@ def test_generation_reports_every_volume(generated):
     assert not report.failures
     idx = oracle.read_index(p)
     assert len(idx) == len(source_plan.plan_sources(_tiny_cfg())) == len(report.index)
-    assert set(idx["source"]) == set(source_plan.SOURCES)
+    assert set(idx["source"]) == set(source_plan.RAW_SOURCES)
     assert {"L6", "L5_missing", "transitional", "normal"} <= set(idx["variant"])
     assert {"noise", "truncated", "missing_slices"} == set(idx.loc[idx["quality"] == "low", "quality_reason"])
     assert idx["metal"].any()
@@ -380,7 +380,7 @@ def test_closing_note_states_time_per_case_at_both_scales(generated, tmp_path):
                                                                 spacing_mm="0.75, 0.75, 0.8", generate_s=15.7,
                                                                 mvox_per_s=8.6)]}))
     table = stage_sources.timing_table(report.timings)
-    assert set(table["source"]) == set(source_plan.SOURCES)
+    assert set(table["source"]) == set(source_plan.RAW_SOURCES)
     note = stage_sources.timing_note(table, bench, probe)
     assert "s per volume" in note and "512 x 512 x 542" in note and "15.70 s per case" in note
 

@@ -3,10 +3,11 @@
 Each notebook declares its parameters in one cell tagged ``parameters``, one typed literal
 per line with a trailing comment (papermill's convention)::
 
-    profile: str = "synthetic"  # synthetic | ci | paper
+    profile: Literal["synthetic", "ci", "paper"] = "synthetic"  # the data and budget
     max_epochs: int = 40  # training length on the synthetic grid
 
-That cell is the schema. ``params/<profile>/NN_stage.yaml`` must use exactly those names with
+That cell is the schema; a ``Literal[...]`` annotation lists the allowed values (a wrong one
+fails with the choices). ``params/<profile>/NN_stage.yaml`` must use exactly those names with
 values of those types. Papermill only *warns* about unknown names, so the workspace checks
 itself: a typo (``max_epoch``) or a wrong type is an error that names the file, the key and
 the closest valid names. Inside the notebook, :func:`collect` builds the typed object from the
@@ -36,7 +37,7 @@ PARAMS_DIR = REPO_ROOT / "params"
 
 _TYPE_NAMESPACE: dict[str, Any] = {
     "str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict,
-    "tuple": tuple, "None": None, "Any": Any, "Optional": typing.Optional,
+    "tuple": tuple, "None": None, "Any": Any, "Optional": typing.Optional, "Literal": typing.Literal,
 }
 
 

@@ -105,3 +105,22 @@ def ensure(path: Path) -> Path:
     """Create a folder (and parents) and return it."""
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def prediction_path(stage_dir: str | Path, split: str, case_id: str, sub: str = "predictions") -> Path:
+    """Where a stage keeps a case's predicted mask: ``<stage>/<sub>/<split>/<case_id>_seg.nii.gz``
+    (04 writes ``predictions/``, 05 ``corrected/``; later stages read them by this rule)."""
+    return Path(stage_dir) / sub / split / f"{case_id}_seg.nii.gz"
+
+
+def find_model_dir(root: str | Path) -> Path:
+    """The newest folder under ``root`` holding a trained model (``model.pt`` + ``plan.json``).
+
+    Raises:
+        FileNotFoundError: none under ``root``, naming it.
+    """
+    found = sorted((p.parent for p in Path(root).rglob("model.pt") if (p.parent / "plan.json").exists()),
+                   key=lambda d: (d / "model.pt").stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"{root}: no trained model (model.pt + plan.json); run the stage that trains it")
+    return found[-1]

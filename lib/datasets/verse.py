@@ -19,6 +19,7 @@ from nibabel import orientations
 from scipy import ndimage
 
 from lib.core import labels as L
+from lib.core.cases import Case
 from lib.core.parallel import map_cases
 from lib.core.paths import SPLITS
 from lib.io.atomic import atomic_path, write_text
@@ -248,3 +249,21 @@ def export_verse_centroids(release_dir: str | Path, out_dir: str | Path,
             rid = strip_nifti_suffix(m)[: -len("_seg")]
             written.append(write_text(out / split / f"{rid}_seg-subreg_ctd.json", json.dumps(body, indent=1) + "\n"))
     return written
+
+
+def test_verse_cases(split_csv: str | Path, selection_csv: str | Path) -> list[Case]:
+    """Test_VerSe: every VerSe scan the pretraining did not train on whose mask shares the image
+    grid -- the held-out complete scans and the cropped scans -- from 02_pretraining's
+    ``tables/split.csv`` and ``tables/verse_selection.csv`` (``split`` of the cases: ``Test_VerSe``).
+
+    Raises:
+        FileNotFoundError: a table is missing (02 has not run), naming it.
+    """
+    for f in (split_csv, selection_csv):
+        if not Path(f).exists():
+            raise FileNotFoundError(f"{f}: missing; run 02_pretraining first")
+    trained = set(pd.read_csv(split_csv).query("split == 'train'")["case_id"].astype(str))
+    sel = pd.read_csv(selection_csv)
+    keep = sel[~sel["case_id"].astype(str).isin(trained)
+               & (sel["usable"].astype(bool) | sel["reason"].astype(str).str.startswith("cropped"))]
+    return [Case(str(r.case_id), Path(r.image), Path(r.mask), "Test_VerSe") for r in keep.itertuples()]

@@ -27,7 +27,7 @@ def as_label_map(arr: np.ndarray, what: str) -> np.ndarray:
         return a.view(np.uint8)
     if not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{what}: label map must have an integer or bool dtype, got {a.dtype} "
-                        "(cast float masks holding integers first, e.g. with lib.evaluate's loader)")
+                        "(cast float masks holding integers first, e.g. with lib.evaluation's loader)")
     if np.issubdtype(a.dtype, np.signedinteger) and a.size and a.min() < 0:
         raise ValueError(f"{what}: negative label values (min {int(a.min())})")
     return a

@@ -17,12 +17,84 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from lib import viz
+from lib.datasets.downloads import VerifyReport, verify_sources
 from lib.datasets.paper_facts import PAPER_TABLE1
 from lib.io.dicom_read import read_source_volume
 from lib.synthetic import oracle
 from lib.synthetic.phantom import CaseSpec, build_anatomy, generate_case
-from lib.synthetic.source_plan import SOURCES
+from lib.stages.context import StageContext, print_environment  # noqa: F401  (notebook API)
+from lib.synthetic.generate import GenerationReport, generate_sources
+from lib.synthetic.source_plan import RAW_SOURCES
+from lib.viz.ortho import plot_ortho
+from lib.viz.style import save_figure
+
+
+STAGE = "00_sources"
+
+
+def start(namespace: dict) -> StageContext:
+    """Validate the notebook's parameters and create the stage folders."""
+    return StageContext.start(STAGE, namespace)
+
+
+def sources_root(ctx: StageContext) -> Path:
+    """Where the sources are: ``sources_dir`` (paper downloads), else ``data/<profile>/sources``."""
+    return Path(ctx.P.sources_dir) if ctx.P.sources_dir else ctx.paths.sources
+
+
+def generate(ctx: StageContext) -> GenerationReport:
+    """Generate every synthetic source and the oracle (re-runs skip finished volumes)."""
+    return generate_sources(ctx.paths, ctx.P.as_dict(), workers=ctx.P.workers, force=ctx.P.force)
+
+
+def verify(ctx: StageContext) -> VerifyReport:
+    """Check the downloads against the expected layout and counts (paper profile)."""
+    P = ctx.P
+    expected = {"COLONOG": P.expected_colonog, "HNSCC": P.expected_hnscc, "MSD_T10": P.expected_msd,
+                "COVID19": P.expected_covid, "VerSe": P.expected_verse}
+    return verify_sources(sources_root(ctx), expected, check_headers=P.check_headers)
+
+
+def write_summary(ctx: StageContext) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What was generated beside the paper's Table 1 (``tables/sources_summary.csv``) and the
+    oracle index."""
+    index = oracle.read_index(ctx.paths)
+    summary = summarize_sources(index)
+    ctx.save_table(summary, "sources_summary.csv")
+    return summary, index
+
+
+def write_figures(ctx: StageContext, index: pd.DataFrame) -> pd.DataFrame:
+    """One ortho figure per source, variant and low-quality kind (``tables/figures.csv`` lists them)."""
+    shown = save_showcase_figures(ctx.paths, index, ctx.figures)
+    ctx.save_table(shown, "figures.csv")
+    return shown
+
+
+def write_timing(ctx: StageContext, report: GenerationReport) -> str:
+    """Generation time per source (``tables/generation_time.csv``) and the note on paper scale."""
+    timing = timing_table(report.timings)
+    if not timing.empty:
+        ctx.save_table(timing, "generation_time.csv")
+    probe = probe_paper_scale(ctx.P.paper_probe_slices, seed=ctx.P.seed) if ctx.P.paper_probe_slices > 0 else None
+    bench = ctx.paths.runs.parent / "bench" / "bench_phantom.json"
+    return timing_note(timing, bench, probe)
+
+
+def record(ctx: StageContext, report: GenerationReport | None, verified: VerifyReport | None) -> Path:
+    """The run record; a verification with problems then stops the stage, listing them."""
+    extra: dict = {}
+    if report is not None:
+        extra = {"volumes": int(len(report.index)), "skipped": report.skipped,
+                 "failures": [str(f) for f in report.failures],
+                 "variants": report.index.groupby("variant").size().to_dict()}
+    if verified is not None:
+        extra = {"problems": verified.problems, "table": verified.table.to_dict(orient="records")}
+    path = ctx.write_record(extra)
+    if verified is not None and not verified.ok:
+        raise SystemExit("sources incomplete: " + verified.summary())
+    return path
+
 
 
 def showcase_rows(index: pd.DataFrame) -> pd.DataFrame:
@@ -33,7 +105,7 @@ def showcase_rows(index: pd.DataFrame) -> pd.DataFrame:
     """
     picks: list[tuple[str, pd.Series]] = []
     ok = index[index["quality"] == "ok"]
-    for src in SOURCES:
+    for src in RAW_SOURCES:
         sub = ok[(ok["source"] == src) & (ok["variant"] == "normal")]
         if sub.empty:
             sub = ok[ok["source"] == src]
@@ -60,7 +132,7 @@ def showcase_rows(index: pd.DataFrame) -> pd.DataFrame:
 def summarize_sources(index: pd.DataFrame) -> pd.DataFrame:
     """Per-source counts, spacing and size of the generated set beside the paper's Table 1."""
     rows = []
-    for src in SOURCES:
+    for src in RAW_SOURCES:
         sub = index[index["source"] == src]
         if sub.empty:
             continue
@@ -104,10 +176,10 @@ def save_showcase_figures(paths, index: pd.DataFrame, out_dir: Path, progress: b
             ijk = np.linalg.inv(vol.affine) @ np.array([*cents[max(lumbar)], 1.0])
             fg = np.nonzero(truth)
             slices = (int(np.median(fg[0])), int(round(ijk[1])), int(round(ijk[2])))
-        fig = viz.plot_ortho(vol.array, truth, vol.spacing, centroids=cents, affine=vol.affine, title=title,
+        fig = plot_ortho(vol.array, truth, vol.spacing, centroids=cents, affine=vol.affine, title=title,
                              slices=slices)
         png = Path(out_dir) / f"{r['kind']}.png"
-        viz.save_figure(fig, png)
+        save_figure(fig, png)
         rows.append(dict(kind=r["kind"], source=r["source"], patient_id=r["patient_id"], source_key=r["source_key"],
                          variant=r["variant"], png=str(png)))
     return pd.DataFrame(rows)

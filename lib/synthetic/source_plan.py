@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lib.core.paths import SPLITS
 from lib.core.seeding import stable_rng, stable_seed
 from lib.datasets.ctspine1k.ids import release_id_for
 from lib.datasets.ctspine1k.split_file import write_split_file
@@ -21,10 +22,9 @@ from lib.datasets.paper_facts import PAPER_SPLIT_COUNTS
 from lib.synthetic.identities import fake_identity, fake_token, shift_date
 from lib.synthetic.phantom import CaseSpec
 
-SOURCES = ("COLONOG", "HNSCC", "MSD_T10", "COVID19", "VerSe")
+RAW_SOURCES = ("COLONOG", "HNSCC", "MSD_T10", "COVID19", "VerSe")
 
 
-SPLIT_ORDER = ("trainset", "test_public", "test_private")
 
 
 CTSPINE1K_SOURCES = ("COLONOG", "HNSCC", "MSD_T10", "COVID19")
@@ -241,7 +241,7 @@ def official_split(index: pd.DataFrame, seed: int, min_per_test_split: dict[str,
     rng = np.random.default_rng(seed)
     slots: dict[tuple[str, str], int] = {}
     for src, per_split in PAPER_SPLIT_COUNTS.items():
-        counts = tuple(per_split[s] for s in SPLIT_ORDER)
+        counts = tuple(per_split[s] for s in SPLITS)
         n = sum(1 for s, _ in patients.values() if s == src)
         frac = np.asarray(counts, float) / sum(counts)
         pub, priv = int(round(n * frac[1])), int(round(n * frac[2]))

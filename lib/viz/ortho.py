@@ -1,38 +1,22 @@
-"""Figures: orthogonal CT views with label overlays (more views are added by later stages).
+"""Orthogonal views: sagittal, coronal and axial CT slices with label overlays.
 
-All functions take arrays in the workspace convention: ``(x, y, z)`` in RAS+ voxel order with
-spacing in mm per axis, and return a matplotlib ``Figure`` (never call ``plt.show`` here, so
-headless runs can save what an interactive session would display). Colours come from
-:func:`lib.labels.colour_lut`.
+Arrays are ``(x, y, z)`` in RAS+ voxel order with spacing in mm per axis; every function returns
+a matplotlib ``Figure`` (never ``plt.show``), so headless runs save what an interactive session
+would display.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from lib.core import labels as L
-
-WINDOWS: dict[str, tuple[float, float]] = {
-    "bone": (400.0, 1800.0),  # centre, width (HU)
-    "soft": (40.0, 400.0),
-    "lung": (-600.0, 1500.0),
-    "wide": (300.0, 2500.0),
-}
-
-
-def label_cmap(max_value: int = 28) -> ListedColormap:
-    """Colormap indexed by label value (0 and unknown transparent), from :mod:`lib.labels`."""
-    return ListedColormap(L.colour_lut(max_value), name="spine1k_labels")
-
-
-def _window(ct: np.ndarray, window: str | tuple[float, float]) -> tuple[float, float]:
-    c, w = WINDOWS[window] if isinstance(window, str) else window
-    return c - w / 2, c + w / 2
+from lib.io.nifti import load_volume
+from lib.viz.style import LABEL_VMAX, label_cmap, window_limits
 
 
 def default_slices(mask: np.ndarray | None, shape: Sequence[int],
@@ -81,7 +65,7 @@ def plot_ortho(ct: np.ndarray, mask: np.ndarray | None, spacing: Sequence[float]
         raise ValueError(f"mask shape {mask.shape} differs from CT shape {ct.shape}")
     sx, sy, sz = (float(s) for s in spacing)
     ix, iy, iz = slices if slices is not None else default_slices(mask, ct.shape)
-    vmin, vmax = _window(ct, window)
+    vmin, vmax = window_limits(window)
     cmap = label_cmap()
     # panels: arrays shown with imshow(origin="lower"): rows = vertical axis
     # sagittal (y horizontal, anterior to the left; z vertical), coronal (x horizontal, patient
@@ -109,7 +93,7 @@ def plot_ortho(ct: np.ndarray, mask: np.ndarray | None, spacing: Sequence[float]
         for ax, (img, m, ext, name) in zip(axes, panels, strict=True):
             ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax, origin="lower", extent=ext, interpolation="nearest")
             if overlay and m is not None and m.any():
-                ax.imshow(np.ma.masked_equal(m, 0), cmap=cmap, vmin=0, vmax=len(L.colour_lut()) - 1, alpha=alpha,
+                ax.imshow(np.ma.masked_equal(m, 0), cmap=cmap, vmin=0, vmax=LABEL_VMAX, alpha=alpha,
                           origin="lower", extent=ext, interpolation="nearest")
             ax.set_title(name + ("" if overlay or rows == 1 else " (CT only)"), fontsize=8)
             ax.set_xticks([])
@@ -131,10 +115,42 @@ def plot_ortho(ct: np.ndarray, mask: np.ndarray | None, spacing: Sequence[float]
     return fig
 
 
-def save_figure(fig: Figure, path, dpi: int = 110) -> None:
-    """Save a figure atomically as PNG and close it."""
-    from lib.io import atomic_path
+def plot_prediction(image_path: str | Path, truth_path: str | Path | None, pred_path: str | Path,
+                    title: str = "", window: str | tuple[float, float] = "bone") -> Figure:
+    """Sagittal and coronal slices through the spine: CT, truth and prediction side by side.
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", facecolor="white", format="png")
-    plt.close(fig)
+    Args:
+        image_path, truth_path, pred_path: NIfTI files on the same grid (truth may be None).
+        title: figure title.
+        window: a :data:`lib.viz.style.WINDOWS` name or a (centre, width) pair in HU.
+
+    Returns:
+        A matplotlib Figure (save it with :func:`lib.viz.style.save_figure`).
+    """
+    ct = load_volume(image_path)
+    pred = load_volume(pred_path).array
+    truth = load_volume(truth_path).array if truth_path is not None else None
+    ref = truth if truth is not None and truth.any() else pred
+    ix, iy, _ = default_slices(ref, ct.shape)
+    sx, sy, sz = ct.spacing
+    lo, hi = window_limits(window)
+    cmap = label_cmap()
+    vmax = LABEL_VMAX
+    cols = [("CT", None), ("truth", truth), ("prediction", pred)] if truth is not None else [("CT", None), ("prediction", pred)]
+    fig, axes = plt.subplots(2, len(cols), figsize=(3.2 * len(cols), 9), squeeze=False)
+    views = [(lambda a: a[ix, ::-1, :].T, (0, ct.shape[1] * sy, 0, ct.shape[2] * sz), f"sagittal x={ix}"),
+             (lambda a: a[::-1, iy, :].T, (0, ct.shape[0] * sx, 0, ct.shape[2] * sz), f"coronal y={iy}")]
+    for r, (cut, ext, vname) in enumerate(views):
+        for c, (name, lab) in enumerate(cols):
+            ax = axes[r, c]
+            ax.imshow(cut(ct.array), cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=ext, interpolation="nearest")
+            if lab is not None and lab.any():
+                ax.imshow(np.ma.masked_equal(cut(lab), 0), cmap=cmap, vmin=0, vmax=vmax, alpha=0.45, origin="lower",
+                          extent=ext, interpolation="nearest")
+            ax.set_title(f"{name}, {vname}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

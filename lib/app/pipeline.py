@@ -1,6 +1,7 @@
 """Run the study: every notebook in order through papermill, skipping what is up to date.
 
-``python -m lib.pipeline --profile synthetic [--force] [--stages 02-04]`` (``make reproduce``):
+``spine1k reproduce --profile synthetic [--force] [--stages 02-04]`` (``make reproduce``; also
+``python -m lib.app.pipeline``):
 
 * validates every params file of the profile against its notebook first (papermill itself only
   warns about unknown names), so a typo fails in a second, not after an hour;
@@ -14,7 +15,7 @@
   failed with the same inputs resumes from what it had written (ledgers, checkpoints);
 * stops at the first failing stage and prints the papermill error and the cell that failed;
 * prints progress per stage and the total wall time, keeps ``runs/<profile>/pipeline.json`` and
-  writes the run report ``runs/<profile>/report.html`` (:mod:`lib.report`).
+  writes the run report ``runs/<profile>/report.html`` (:mod:`lib.app.report`).
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from lib.core import params as _params
-from lib.core.paths import REPO_ROOT, for_profile
+from lib.app.report import build_report
+from lib.core.paths import REPO_ROOT, STAGES, for_profile
 from lib.io import write_text
 
 STAMP = ".stage.json"
@@ -79,8 +82,6 @@ def set_aside(out_dir: Path, dest: Path) -> Path | None:
     inputs changed, that would mix a new run with stale results. Returns ``dest`` when anything
     was moved.
     """
-    import shutil
-
     items = [p for p in out_dir.iterdir() if p.name not in KEEP_ON_RERUN and p.name != STAMP] if out_dir.is_dir() else []
     if not items:
         return None
@@ -122,7 +123,7 @@ def run(profile: str = "synthetic", force: bool = False, stages_spec: str | None
         kernel: Jupyter kernel name (default: the notebook's own, ``python3`` of this env).
         report: build ``runs/<profile>/report.html`` at the end.
     """
-    import papermill as pm
+    import papermill as pm  # heavy (jupyter client, nbformat): only a run needs it
 
     paths = for_profile(profile)
     all_stages = discover_stages(profile, notebook_dir, params_dir)
@@ -189,15 +190,11 @@ def run(profile: str = "synthetic", force: bool = False, stages_spec: str | None
     log(f"pipeline {profile}: {sum(v == 'ran' for v in status.values())} ran, "
         f"{sum(v == 'skipped' for v in status.values())} skipped, total {total:.1f} s")
     if report:
-        from lib.report import build_report
-
         log(f"report: {build_report(profile)}")
     return status
 
 
 def _known_stages() -> set[str]:
-    from lib.core.paths import STAGES
-
     return set(STAGES)
 
 
@@ -206,7 +203,7 @@ class StageFailed(RuntimeError):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lib.pipeline", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="spine1k reproduce", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="synthetic", help="synthetic | ci | paper")
     ap.add_argument("--force", action="store_true", help="re-run stages even when up to date")
     ap.add_argument("--stages", default=None, help="subset, e.g. 02-04 or 00,03")

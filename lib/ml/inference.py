@@ -2,10 +2,10 @@
 
 Typical use::
 
-    from lib import infer
-    infer.predict_case(model_dir, "case.nii.gz", "case_seg.nii.gz")            # one case
-    res = infer.predict_cases(model_dir, [(cid, img, out), ...], workers=2)   # lib.parallel
-    res = infer.predict_folder(model_dir, in_dir, out_dir)                     # every *.nii.gz
+    from lib.ml import inference
+    inference.predict_case(model_dir, "case.nii.gz", "case_seg.nii.gz")            # one case
+    res = inference.predict_cases(model_dir, [(cid, img, out), ...], workers=2)   # lib.parallel
+    res = inference.predict_folder(model_dir, in_dir, out_dir)                     # every *.nii.gz
 
 What a prediction is:
 
@@ -33,32 +33,28 @@ What a prediction is:
 
 from __future__ import annotations
 
-import itertools
-import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import ndimage
 
+from lib.core.parallel import map_cases
+from lib.imaging.components import postprocess_labels, spine_bbox
 from lib.imaging.instances import split_at_necks
-from lib.io import load_volume, save_like, strip_nifti_suffix
-from lib.model import Plan, StagePlan, build_network
-from lib.train import (
-    level_from_ordinal,
-    load_weights,
-    normalize_ct,
-    pad_value,
-    resample_image,
-    resample_labels,
-    resampled_shape,
-    z_channel,
-)
-
-FLOAT16_ABOVE_BYTES = 1 << 30
+from lib.imaging.resampling import resample_image, resample_labels, resampled_shape
+from lib.io.nifti import load_volume, save_like, strip_nifti_suffix
+from lib.ml.checkpoint import load_weights
+from lib.ml.device import resolve_device
+from lib.ml.losses import level_from_ordinal
+from lib.ml.networks import build_network
+from lib.ml.plans import Plan, StagePlan, divisibility
+from lib.ml.preprocessing import normalize_ct, pad_value
+from lib.ml.sliding_window import sliding_window
 
 
 @dataclass
@@ -88,7 +84,6 @@ def load_model(model_dir: str | Path, device: str = "auto") -> LoadedModel:
     Raises:
         FileNotFoundError: no ``model.pt`` in ``model_dir``.
     """
-    from lib.core.runinfo import resolve_device
 
     model_dir = Path(model_dir)
     path = model_dir / "model.pt" if model_dir.is_dir() else model_dir
@@ -120,133 +115,6 @@ def _as_model(model: LoadedModel | str | Path, device: str) -> LoadedModel:
 # --------------------------------------------------------------------------- sliding window
 
 
-def window_starts(size: int, patch: int, overlap: float) -> list[int]:
-    """Evenly spaced window starts covering ``size`` voxels with at least ``overlap`` overlap."""
-    if size <= patch:
-        return [0]
-    step = max(int(patch * (1 - overlap)), 1)
-    n = int(np.ceil((size - patch) / step)) + 1
-    return sorted({int(round(x)) for x in np.linspace(0, size - patch, n)})
-
-
-def gaussian_importance(patch: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
-    """Gaussian weights over a patch (max 1, floored at 1e-3 so that border voxels covered by a
-    single window keep a usable weight, also in float16), nnU-Net's sigma = patch / 8."""
-    grids = []
-    for p in patch:
-        x = np.arange(p, dtype=np.float64) - (p - 1) / 2
-        s = max(p * sigma_scale, 1e-3)
-        grids.append(np.exp(-0.5 * (x / s) ** 2))
-    w = grids[0][:, None, None] * grids[1][None, :, None] * grids[2][None, None, :]
-    w /= w.max()
-    w = np.maximum(w, 1e-3)
-    return w.astype(np.float32)
-
-
-def sliding_window(net, image: np.ndarray, patch: Sequence[int], n_classes: int, consume: Callable,
-                   overlap: float = 0.25, sigma_scale: float = 0.125, fill: float = 0.0, device=None,
-                   tta_axes: Sequence[int] = (), amp: bool = True, activation: str = "softmax",
-                   z_coord: bool = False) -> dict[str, Any]:
-    """Run ``net`` over ``image`` and hand finished z-slabs of class probabilities to ``consume``.
-
-    Args:
-        net: network in eval mode returning ``(b, n_classes, x, y, z)`` logits.
-        image: normalised (x, y, z) float32 image on the network's grid.
-        patch: window size in voxels.
-        n_classes: output channels.
-        consume: called as ``consume(z0, z1, probs)`` with ``probs`` float32 ``(n_classes, X, Y,
-            z1 - z0)`` probabilities of image slices ``z0..z1`` (ascending, each slice once).
-        overlap: fraction of a window shared with its neighbour.
-        sigma_scale: Gaussian sigma as a fraction of the patch.
-        fill: value padding an image smaller than the patch.
-        device: torch device (default: the network's).
-        tta_axes: also predict on inputs mirrored along these axes and average.
-        amp: float16 autocast on CUDA.
-        activation: ``"softmax"`` over channels, or ``"sigmoid"`` per channel (``levels`` stages).
-        z_coord: add the craniocaudal coordinate channel (-1..1 over the image's z extent, see
-            :func:`lib.train.z_channel`) as the network's second input.
-
-    Returns:
-        ``{"windows": int, "max_buffer_z": int, "buffer_dtype": str}`` (for tests and benchmarks).
-    """
-    import torch
-
-    device = device or next(net.parameters()).device
-    shape = np.asarray(image.shape)
-    patch = [int(p) for p in patch]
-    padded = np.maximum(shape, patch)
-    off = (padded - shape) // 2  # an image smaller than the patch sits in its centre, as in training
-    if np.any(padded != shape):
-        img = np.full(tuple(padded), fill, dtype=np.float32)
-        img[off[0]:off[0] + shape[0], off[1]:off[1] + shape[1], off[2]:off[2] + shape[2]] = image
-    else:
-        img = np.asarray(image, dtype=np.float32)
-    X, Y, Z = (int(v) for v in padded)
-    zc = z_channel(np.arange(Z) - off[2], 0, int(shape[2])) if z_coord else None
-    starts = [window_starts(int(padded[a]), patch[a], overlap) for a in range(3)]
-    weight = torch.from_numpy(gaussian_importance(patch, sigma_scale)).to(device)
-    est_bytes = n_classes * X * Y * (patch[2] * 2) * 4
-    acc_dtype = torch.float16 if est_bytes > FLOAT16_ABOVE_BYTES else torch.float32
-    buf_lo = 0
-    acc = torch.zeros((n_classes, X, Y, 0), dtype=acc_dtype, device=device)
-    wsum = torch.zeros((X, Y, 0), dtype=torch.float32, device=device)
-    use_amp = amp and getattr(device, "type", str(device)) == "cuda"
-    if activation == "softmax":
-        def act(t):
-            return torch.softmax(t, 1)
-    elif activation == "sigmoid":
-        act = torch.sigmoid
-    else:
-        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
-    n_win, max_buf = 0, 0
-    zs = starts[2]
-    emitted = 0
-    for gi, z0 in enumerate(zs):
-        need_hi = z0 + patch[2]
-        cur_hi = buf_lo + acc.shape[3]
-        if need_hi > cur_hi:
-            extra = need_hi - cur_hi
-            acc = torch.cat([acc, torch.zeros((n_classes, X, Y, extra), dtype=acc_dtype, device=device)], dim=3)
-            wsum = torch.cat([wsum, torch.zeros((X, Y, extra), dtype=torch.float32, device=device)], dim=2)
-        max_buf = max(max_buf, acc.shape[3])
-        for x0, y0 in itertools.product(starts[0], starts[1]):
-            tile = img[x0:x0 + patch[0], y0:y0 + patch[1], z0:z0 + patch[2]]
-            if zc is not None:
-                tile = np.stack([tile, np.broadcast_to(zc[z0:z0 + patch[2]], tile.shape)])
-            else:
-                tile = tile[None]
-            x = torch.from_numpy(np.ascontiguousarray(tile))[None].to(device)
-            with torch.no_grad(), torch.autocast(device_type=getattr(device, "type", "cpu"), dtype=torch.float16,
-                                                 enabled=use_amp):
-                prob = act(net(x).float())[0]
-                for ax in tta_axes:
-                    flipped = net(torch.flip(x, dims=[2 + int(ax)])).float()
-                    prob = prob + torch.flip(act(flipped)[0], dims=[1 + int(ax)])
-                if tta_axes:
-                    prob = prob / (1 + len(tta_axes))
-            zl = z0 - buf_lo
-            acc[:, x0:x0 + patch[0], y0:y0 + patch[1], zl:zl + patch[2]] += (prob * weight).to(acc_dtype)
-            wsum[x0:x0 + patch[0], y0:y0 + patch[1], zl:zl + patch[2]] += weight
-            n_win += 1
-        done_hi = zs[gi + 1] if gi + 1 < len(zs) else buf_lo + acc.shape[3]
-        k = done_hi - buf_lo
-        if k > 0:
-            # padded slices buf_lo..buf_lo+k hold image slices buf_lo-off..: emit the image part
-            lo, hi = max(buf_lo, int(off[2])), min(buf_lo + k, int(off[2] + shape[2]))
-            if hi > lo:
-                probs = (acc[..., lo - buf_lo:hi - buf_lo].float()
-                         / wsum[..., lo - buf_lo:hi - buf_lo].clamp_min(1e-8)).cpu().numpy()
-                consume(lo - int(off[2]), hi - int(off[2]),
-                        probs[:, off[0]:off[0] + shape[0], off[1]:off[1] + shape[1]])
-                emitted = hi - int(off[2])
-            acc = acc[..., k:]
-            wsum = wsum[..., k:]
-            buf_lo += k
-    if emitted != int(shape[2]):  # pragma: no cover - guarded by construction
-        raise RuntimeError(f"sliding window emitted {emitted} of {shape[2]} slices")
-    return {"windows": n_win, "max_buffer_z": max_buf, "buffer_dtype": str(acc_dtype).replace("torch.", "")}
-
-
 def window_size(stage: StagePlan, plan: Plan, image_shape: Sequence[int]) -> list[int]:
     """Sliding-window size of a stage over an image of ``image_shape`` voxels.
 
@@ -254,8 +122,6 @@ def window_size(stage: StagePlan, plan: Plan, image_shape: Sequence[int]) -> lis
     but never beyond the image rounded up to the network's divisibility: a fully convolutional
     network runs on larger windows with less overlap work (fewer, bigger convolutions).
     """
-    from lib.model import divisibility
-
     scale = float(plan.inference.get("window_scale", {}).get(stage.name, 1.0))
     div = divisibility(stage.strides)
     out = []
@@ -302,76 +168,7 @@ def predict_stage_probs(net, image: np.ndarray, stage: StagePlan, plan: Plan, n_
 # --------------------------------------------------------------------------- post-processing
 
 
-def postprocess_labels(labels: np.ndarray, spacing: Sequence[float], largest_component: bool = True,
-                       min_component_mm3: float = 0.0, relabel_fragments: bool = True) -> np.ndarray:
-    """Clean a label map (uint8, (x, y, z)).
-
-    Args:
-        labels: label values.
-        spacing: voxel size (mm) for the volume threshold.
-        largest_component: keep only the largest 26-connected component of each label.
-        min_component_mm3: remove connected components of the spine (label > 0) smaller than this.
-        relabel_fragments: a fragment cut off its label by ``largest_component`` but touching the
-            spine takes the label of the nearest kept voxel (a piece of L3 called L4 becomes L3)
-            instead of becoming background; the spine mask is then unchanged by this step.
-
-    Returns:
-        A cleaned copy (removed voxels become 0).
-    """
-    out = np.asarray(labels, dtype=np.uint8).copy()
-    if not out.any():
-        return out
-    struct = np.ones((3, 3, 3), dtype=bool)
-    if largest_component:
-        dropped = np.zeros(out.shape, dtype=bool)
-        objs = ndimage.find_objects(out)
-        for v, sl in enumerate(objs, start=1):
-            if sl is None:
-                continue
-            sub = out[sl]
-            comp, n = ndimage.label(sub == v, structure=struct)
-            if n > 1:
-                sizes = np.bincount(comp.ravel())
-                sizes[0] = 0
-                keep = int(np.argmax(sizes))
-                drop = (comp > 0) & (comp != keep)
-                sub[drop] = 0
-                dropped[sl] |= drop
-        if relabel_fragments and dropped.any() and out.any():
-            box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(dropped | (out > 0)))
-            sub, dsub = out[box], dropped[box]
-            frag, nf = ndimage.label(dsub, structure=struct)
-            touching = np.unique(frag[ndimage.binary_dilation(sub > 0, structure=struct) & (frag > 0)])
-            dsub = np.isin(frag, touching[touching > 0])  # fragments attached to the kept spine
-            if dsub.any():
-                _, ind = ndimage.distance_transform_edt(sub == 0, return_indices=True)
-                sub[dsub] = sub[tuple(i[dsub] for i in ind)]
-    if min_component_mm3 > 0:
-        vox = float(np.prod(spacing))
-        comp, n = ndimage.label(out > 0, structure=struct)
-        if n > 0:
-            sizes = np.bincount(comp.ravel()) * vox
-            small = np.nonzero(sizes < min_component_mm3)[0]
-            small = small[small > 0]
-            if small.size:
-                out[np.isin(comp, small)] = 0
-    return out
-
-
 # --------------------------------------------------------------------------- whole volumes
-
-
-def _spine_bbox(fg: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Bounding box ``(lo, hi)`` of the largest 26-connected component of ``fg`` and of every
-    other component at least a tenth of its size (a spine split by a gap stays whole)."""
-    comp, n = ndimage.label(fg, structure=np.ones((3, 3, 3), bool))
-    if n == 0:
-        return None
-    sizes = np.bincount(comp.ravel())
-    sizes[0] = 0
-    keep = np.nonzero(sizes >= 0.1 * sizes.max())[0]
-    idx = np.nonzero(np.isin(comp, keep))
-    return np.array([int(i.min()) for i in idx]), np.array([int(i.max()) + 1 for i in idx])
 
 
 @dataclass
@@ -438,7 +235,7 @@ def predict_volume(model: LoadedModel | str | Path, ct_hu: np.ndarray, spacing: 
             probs = None
             fg_prob = predict_stage_probs(net, img, st, plan, n_cls, m.device, tta, channels=[1])[0][0]
             fg_t = fg_prob > 0.5
-        bb = _spine_bbox(fg_t)
+        bb = spine_bbox(fg_t)
         if bb is not None:  # stage voxels -> input-grid voxels (edges aligned)
             scale = np.asarray(roi.shape) / np.asarray(shape_t)
             start = np.array([b.start for b in box])
@@ -556,8 +353,6 @@ class PredictJob:
 
 def run_predict_job(job: PredictJob) -> str:
     """Worker function of :func:`predict_cases` (module level so processes can run it)."""
-    import torch
-
     if job.num_threads:
         torch.set_num_threads(int(job.num_threads))
     return str(predict_case(job.model_dir, job.image_path, job.out_path, tta=job.tta, overwrite=job.overwrite,
@@ -584,8 +379,6 @@ def predict_cases(model_dir: str | Path, items: Iterable[Sequence[str]], *, work
     Returns:
         ``lib.parallel.MapResult``: ``values`` {case_id: output path}, ``failures``.
     """
-    from lib.core.parallel import map_cases
-
     items = [tuple(str(x) for x in it) for it in items]
     threads = num_threads if num_threads is not None else (1 if (workers or scheduler) else 0)
     jobs = [PredictJob(c, i, o, str(model_dir), tta, overwrite, device, int(threads)) for c, i, o in items]
@@ -616,105 +409,9 @@ def prediction_items(cases: Iterable[Sequence[str]], pred_dir: str | Path) -> li
 
 
 def evaluation_pairs(cases: Iterable[Sequence[str]], pred_dir: str | Path) -> list[tuple[str, str, str]]:
-    """``(case_id, truth mask, pred_dir/<case_id>.nii.gz)`` for :func:`lib.evaluate.evaluate_pairs`
+    """``(case_id, truth mask, pred_dir/<case_id>.nii.gz)`` for :func:`lib.evaluation.folders.evaluate_pairs`
     from ``(case_id, image, mask)`` cases."""
     return [(str(c[0]), str(c[2]), str(Path(pred_dir) / f"{c[0]}.nii.gz")) for c in cases]
 
 
-def default_workers_for_inference() -> int:
-    """Processes for inference on CPU: ``$SPINE1K_WORKERS`` or the available cores."""
-    env = os.environ.get("SPINE1K_WORKERS")
-    if env:
-        return int(env)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
-
-
 # --------------------------------------------------------------------------- figures
-
-
-def plot_prediction(image_path: str | Path, truth_path: str | Path | None, pred_path: str | Path,
-                    title: str = "", window: tuple[float, float] = (400.0, 1800.0)):
-    """Sagittal and coronal slices through the spine: CT, truth and prediction side by side.
-
-    Args:
-        image_path, truth_path, pred_path: NIfTI files on the same grid (truth may be None).
-        title: figure title.
-        window: CT display (centre, width) in HU.
-
-    Returns:
-        A matplotlib Figure (save it with :func:`lib.viz.save_figure`).
-    """
-    import matplotlib.pyplot as plt
-
-    from lib.core import labels as L
-    from lib.viz import default_slices, label_cmap
-
-    ct = load_volume(image_path)
-    pred = load_volume(pred_path).array
-    truth = load_volume(truth_path).array if truth_path is not None else None
-    ref = truth if truth is not None and truth.any() else pred
-    ix, iy, _ = default_slices(ref, ct.shape)
-    sx, sy, sz = ct.spacing
-    lo, hi = window[0] - window[1] / 2, window[0] + window[1] / 2
-    cmap = label_cmap()
-    vmax = len(L.colour_lut()) - 1
-    cols = [("CT", None), ("truth", truth), ("prediction", pred)] if truth is not None else [("CT", None), ("prediction", pred)]
-    fig, axes = plt.subplots(2, len(cols), figsize=(3.2 * len(cols), 9), squeeze=False)
-    views = [(lambda a: a[ix, ::-1, :].T, (0, ct.shape[1] * sy, 0, ct.shape[2] * sz), f"sagittal x={ix}"),
-             (lambda a: a[::-1, iy, :].T, (0, ct.shape[0] * sx, 0, ct.shape[2] * sz), f"coronal y={iy}")]
-    for r, (cut, ext, vname) in enumerate(views):
-        for c, (name, lab) in enumerate(cols):
-            ax = axes[r, c]
-            ax.imshow(cut(ct.array), cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=ext, interpolation="nearest")
-            if lab is not None and lab.any():
-                ax.imshow(np.ma.masked_equal(cut(lab), 0), cmap=cmap, vmin=0, vmax=vmax, alpha=0.45, origin="lower",
-                          extent=ext, interpolation="nearest")
-            ax.set_title(f"{name}, {vname}", fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_dice_per_label(per_case, title: str = ""):
-    """Bar chart of the mean Dice per vertebra (with case counts) from a ``lib.evaluate`` table.
-
-    Args:
-        per_case: the per-case DataFrame of :func:`lib.evaluate.evaluate_pairs` (columns
-            ``label``, ``name``, ``status``, ``dice``); label 0 is the binary spine.
-        title: figure title.
-
-    Returns:
-        A matplotlib Figure: one bar per vertebra in craniocaudal order, coloured by
-        :mod:`lib.labels`, the binary spine as a line.
-    """
-    import matplotlib.pyplot as plt
-
-    from lib.core import labels as L
-
-    df = per_case[per_case["status"].isin(["detected", "missed"])] if "status" in per_case else per_case
-    vert = df[df["label"] > 0]
-    spine = df[df["label"] == 0]["dice"].mean() if (df["label"] == 0).any() else float("nan")
-    labs = L.ordered(sorted(set(int(v) for v in vert["label"])))
-    means = [float(vert[vert["label"] == v]["dice"].mean()) for v in labs]
-    counts = [int((vert["label"] == v).sum()) for v in labs]
-    fig, ax = plt.subplots(figsize=(max(6, 0.38 * len(labs) + 2), 3.6))
-    colours = [np.array(L.LABELS[v].rgb) / 255 for v in labs]
-    ax.bar(range(len(labs)), means, color=colours, edgecolor="black", linewidth=0.4)
-    for i, (m, n) in enumerate(zip(means, counts, strict=True)):
-        ax.text(i, min(m + 0.02, 1.02), str(n), ha="center", fontsize=6)
-    if np.isfinite(spine):
-        ax.axhline(spine, color="black", ls="--", lw=0.8, label=f"binary spine {spine:.3f}")
-        ax.legend(fontsize=8, loc="lower left")
-    ax.set_xticks(range(len(labs)), [L.name(v) for v in labs], rotation=90, fontsize=7)
-    ax.set_ylim(0, 1.08)
-    ax.set_ylabel("Dice (mean over cases)")
-    mv = float(np.nanmean(means)) if means else float("nan")
-    ax.set_title(title or f"mean of vertebrae {mv:.3f} (numbers: cases with the vertebra)", fontsize=9)
-    fig.tight_layout()
-    return fig

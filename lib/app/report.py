@@ -8,8 +8,10 @@ be zipped and sent as it is.
 
 from __future__ import annotations
 
+import argparse
 import html
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -42,8 +44,8 @@ figcaption{font-size:.8rem;color:#555} .meta{color:#555;font-size:.9rem} code{ba
 
 def render_notebook_html(ipynb: Path) -> Path:
     """Render an executed notebook to HTML beside it (images embedded)."""
-    import nbformat
-    from nbconvert import HTMLExporter
+    import nbformat  # optional heavy dependency: only rendering notebooks needs it
+    from nbconvert import HTMLExporter  # optional heavy dependency (see above)
 
     nb = nbformat.read(str(ipynb), as_version=4)
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
@@ -141,9 +143,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 def screenshot(html_path: Path, png: Path, width: int = 1400, full_page: bool = True) -> Path:
     """Save what a person sees when opening ``html_path`` in Chromium (Debian's ``chromium``
     through playwright, offline) as ``png``; raises when ``chromium`` is not installed."""
-    import shutil
-
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # optional: screenshots only (dev extra)
 
     exe = shutil.which("chromium")
     if exe is None:
@@ -161,9 +161,7 @@ def screenshot(html_path: Path, png: Path, width: int = 1400, full_page: bool = 
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m lib.report", description="Build runs/<profile>/report.html")
+    ap = argparse.ArgumentParser(prog="spine1k report", description="Build runs/<profile>/report.html")
     ap.add_argument("--profile", default="synthetic")
     ap.add_argument("--no-notebooks", action="store_true", help="do not render executed notebooks")
     ap.add_argument("--screenshot", type=Path, default=None,

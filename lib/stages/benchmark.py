@@ -1,0 +1,146 @@
+"""Stage 04_benchmark: the final model on Test_public, Test_private and Test_VerSe (Table 2).
+
+Notebook ``notebooks/04_benchmark.ipynb``; parameters ``params/<profile>/04_benchmark.yaml``.
+The final model is trained on the trainset masks of the annotation rounds (warm-started from the
+last round's model, the VerSe-pretrained one, or from scratch as the paper's nnU-Net), predicts
+every test case (``predictions/<set>/<ID>_seg.nii.gz``), and is evaluated per set
+(``evaluation/<set>/``: per-case CSV, summary JSON, Table 2 of the set) with :mod:`lib.evaluation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from lib.core.cases import Case
+from lib.core.parallel import MapResult
+from lib.core.paths import find_model_dir, prediction_path
+from lib.datasets.ctspine1k.release import annotated_cases
+from lib.datasets.ctspine1k.table1 import build_table1
+from lib.datasets.benchmark_sets import benchmark_test_cases
+from lib.evaluation.sets import evaluate_sets
+from lib.evaluation.summary import case_scores
+from lib.evaluation.table2 import build_table2, table2_markdown
+from lib.io.atomic import write_text
+from lib.io.nifti import load_volume
+from lib.ml.inference import predict_cases
+from lib.ml.trainer import TrainResult, train
+from lib.stages.context import StageContext, print_environment  # noqa: F401  (notebook API)
+from lib.viz.browser import CaseBrowser
+from lib.viz.charts import plot_dice_by_vertebra, plot_training_curves
+from lib.viz.gallery import plot_gallery
+from lib.viz.preview import preview_3d
+from lib.viz.render3d import plot_3d
+
+STAGE = "04_benchmark"
+SET_NAMES = ("test_public", "test_private", "Test_VerSe")
+
+
+def start(namespace: dict) -> StageContext:
+    """Validate the notebook's parameters, create the stage folders, seed with ``P.seed``."""
+    return StageContext.start(STAGE, namespace, seed=True)
+
+
+def initial_model(ctx: StageContext) -> Path | None:
+    """The model the final one starts from: ``annotation`` (the last round's, 03),
+    ``pretrained`` (02) or ``scratch`` (None, as the paper's nnU-Net)."""
+    pp = ctx.paths
+    return {"annotation": lambda: find_model_dir(pp.stage("03_annotation") / "models"),
+            "pretrained": lambda: find_model_dir(pp.models("02_pretraining")),
+            "scratch": lambda: None}[ctx.P.init_from]()
+
+
+def trainset(ctx: StageContext) -> list[Case]:
+    """Every trainset case with its accepted mask (a missing mask is an error naming it)."""
+    return annotated_cases(ctx.paths, ["trainset"])
+
+
+def test_cases(ctx: StageContext, include_verse: bool = True) -> list[Case]:
+    """Test_public and Test_private (release masks from the annotation rounds) and, with
+    ``include_verse``, Test_VerSe (:func:`lib.datasets.benchmark_sets.benchmark_test_cases`)."""
+    return benchmark_test_cases(ctx.paths, include_verse)
+
+
+def describe_cases(train_cases: Sequence[Case], cases: Sequence[Case]) -> str:
+    """One line: trainset size and test cases per set."""
+    return f"trainset {len(train_cases)} cases; test cases: " + ", ".join(
+        f"{s} {sum(c.split == s for c in cases)}" for s in dict.fromkeys(c.split for c in cases))
+
+
+def train_final(ctx: StageContext, train_cases: Sequence[Case], init: Path | None) -> TrainResult:
+    """Train the final model (``models/final``) and save its training curves (``figures/``)."""
+    P = ctx.P
+    result = train([c.triple() for c in train_cases], ctx.models / "final", init_from=init, max_epochs=P.max_epochs,
+                   lr=P.learning_rate or None, seed=P.seed, device=P.device, num_threads=P.num_threads,
+                   cache_dir=ctx.dir / "cache")
+    ctx.save_figure(plot_training_curves(result.log_csv, title="04_benchmark: final model"), "training_curves.png")
+    return result
+
+
+def predict(ctx: StageContext, model_dir: Path, cases: Sequence[Case]) -> tuple[list[Case], MapResult]:
+    """Predict every test case into ``predictions/<set>/`` (existing outputs are kept: re-runs
+    resume); returns the cases with ``prediction`` set and the map result (failures listed)."""
+    out = [c.with_prediction(prediction_path(ctx.dir, c.split, c.case_id)) for c in cases]
+    for c in out:
+        c.prediction.parent.mkdir(parents=True, exist_ok=True)
+    items = [(f"{c.split}/{c.case_id}", str(c.image), str(c.prediction)) for c in out]
+    res = predict_cases(model_dir, items, workers=ctx.P.workers, tta=ctx.P.tta, device=ctx.P.device, on_error="collect")
+    return out, res
+
+
+def evaluate(ctx: StageContext, cases: Sequence[Case]) -> tuple[pd.DataFrame, dict[str, dict], pd.DataFrame]:
+    """Evaluate per set (``evaluation/<set>/``); returns the per-case rows, the summaries and the
+    per-case scores (written as ``tables/case_scores.csv``)."""
+    per_case, summaries = evaluate_sets(cases, ctx.dir / "evaluation", hd95=ctx.P.hd95, workers=ctx.P.workers)
+    scores = case_scores(per_case)
+    ctx.save_table(scores, "case_scores.csv")
+    return per_case, summaries, scores
+
+
+def write_table2(ctx: StageContext, summaries: dict[str, dict]) -> pd.DataFrame:
+    """Table 2 beside the paper (``tables/table2.csv`` and ``table2.md``)."""
+    table2 = build_table2(summaries)
+    ctx.save_table(table2, "table2.csv", index=True)
+    write_text(ctx.tables / "table2.md", table2_markdown(table2))
+    return table2
+
+
+def write_table1(ctx: StageContext) -> pd.DataFrame:
+    """Table 1 with vertebra counts from the annotated masks (``tables/table1.csv``)."""
+    table1 = build_table1(ctx.paths, with_masks=True)
+    ctx.save_table(table1, "table1.csv")
+    return table1
+
+
+def median_case(scores: pd.DataFrame, cases: Sequence[Case]) -> Case:
+    """The case of median mean vertebra Dice."""
+    median = scores.sort_values("mean_vertebra_dice").iloc[len(scores) // 2]
+    return next(c for c in cases if c.case_id == median["case_id"] and c.split == median["set"])
+
+
+def save_figures(ctx: StageContext, table2: pd.DataFrame, scores: pd.DataFrame, cases: Sequence[Case]) -> list[Path]:
+    """Dice by vertebra (paper beside run), best / median / worst, a 3D render of the median case."""
+    c = median_case(scores, cases)
+    render = plot_3d(load_volume(c.prediction).array, load_volume(c.image).spacing, title=f"{c.case_id}: prediction")
+    return [ctx.save_figure(plot_dice_by_vertebra(table2), "dice_by_vertebra.png"),
+            ctx.save_figure(plot_gallery(scores, cases), "gallery_best_median_worst.png"),
+            ctx.save_figure(render, "render3d_median_prediction.png", dpi=90)]
+
+
+def explore(ctx: StageContext, cases: Sequence[Case]):
+    """The case browser over the test cases (interactive sessions) and a 3D preview of the first
+    case: itkwidgets only when asked for and online; a saved offline render otherwise."""
+    browser = CaseBrowser(cases) if ctx.P.interactive else None
+    preview = preview_3d(cases[0], interactive=ctx.P.interactive, use_itkwidgets=ctx.P.use_itkwidgets,
+                         offline_png=ctx.figures / f"preview3d_{cases[0].case_id}.png")
+    return browser, preview
+
+
+def record(ctx: StageContext, result: TrainResult, init: Path | None, pred: MapResult, summaries: dict) -> Path:
+    """The run record: training, initial model, prediction failures, mean vertebra Dice per set."""
+    return ctx.write_record({
+        "train": result.to_json(), "init_from": str(init), "prediction_failures": [str(f) for f in pred.failures],
+        "mean_of_vertebrae": {s: v.get("mean_of_vertebrae", {}).get("dice", {}).get("mean") for s, v in summaries.items()},
+        "hd95_definition": ctx.P.hd95})

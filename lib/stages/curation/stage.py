@@ -1,0 +1,123 @@
+"""Stage 01_curation: raw sources -> the CTSpine1K release, de-identified, split, with Table 1.
+
+Notebook ``notebooks/01_curation.ipynb``; parameters ``params/<profile>/01_curation.yaml``.
+The steps, in the paper's order: discover (:mod:`.discover`), select (:mod:`.select`), convert,
+measure and exclude (:mod:`.convert`), split and write the release (:mod:`.release`), Table 1,
+exports (nnU-Net v2, VerSe-style centroids), and the PHI audit (:mod:`.phi`).
+Nothing in this stage reads the synthetic oracle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from lib.datasets.ctspine1k.release import has_masks
+from lib.datasets.ctspine1k.split_file import read_split_file
+from lib.datasets.ctspine1k.table1 import build_table1, table1_markdown
+from lib.datasets.nnunet import export_nnunet
+from lib.datasets.verse import export_verse_centroids
+from lib.io.atomic import write_text
+from lib.stages.context import StageContext
+from lib.stages.curation.config import CurationConfig
+from lib.stages.curation.convert import ConversionOutcome, convert_selected, quality_faults
+from lib.stages.curation.discover import candidates_table, discover_candidates
+from lib.stages.curation.phi import AuditReport, collect_identifiers, require_no_phi
+from lib.stages.curation.release import SplitResult, assign_splits, write_release, write_stage_tables
+from lib.stages.curation.select import SelectionResult, select_series
+from lib.viz.charts import plot_quality
+from lib.viz.gallery import plot_release_previews
+
+STAGE = "01_curation"
+
+
+def start(namespace: dict) -> tuple[StageContext, CurationConfig]:
+    """Validate the parameters, seed with ``P.seed``, and build the curation configuration."""
+    ctx = StageContext.start(STAGE, namespace, seed=True)
+    return ctx, CurationConfig.from_params(ctx.P, ctx.paths)
+
+
+def find_candidates(cfg: CurationConfig) -> tuple[list, pd.DataFrame]:
+    """Every candidate series / volume and the counts per source."""
+    candidates = discover_candidates(cfg.sources_dir, cfg.sources)
+    return candidates, candidates_table(candidates)
+
+
+def choose_series(cfg: CurationConfig, candidates: list) -> tuple[SelectionResult, dict | None, list[str]]:
+    """One series per patient; with an official split file, its assignment (and the notes on what
+    it spelled oddly), which also restricts the selection when ``restrict_to_split_file``."""
+    split_ids, notes = read_split_file(cfg.split_file) if cfg.split_file else (None, [])
+    listed = split_ids if cfg.restrict_to_split_file else None
+    return select_series(candidates, cfg, listed_ids=listed), split_ids, notes
+
+
+def convert_series(cfg: CurationConfig, selection: SelectionResult) -> ConversionOutcome:
+    """Convert and measure the selected series, exclude by the criteria, try the fallbacks; prints
+    what was done and every unexpected failure."""
+    conversion = convert_selected(selection, cfg)
+    print(conversion.summary())
+    for failure in conversion.failures:
+        print("FAILED", failure)
+    return conversion
+
+
+def save_quality_figure(ctx: StageContext, cfg: CurationConfig, conversion: ConversionOutcome) -> Path:
+    """The measured criteria per converted series, thresholds drawn, failures marked."""
+    recs = [r for r in conversion.records.values() if r.get("status") == "converted"]
+    q = cfg.quality
+    thresholds = {"max_noise_hu": q.max_noise_hu, "min_z_extent_mm": q.min_z_extent_mm,
+                  "max_slice_spacing_mm": q.max_slice_spacing_mm, "max_border_fraction": q.max_border_fraction,
+                  "min_slices": q.min_slices}
+    fig = plot_quality(recs, [bool(quality_faults(r, q)) for r in recs], thresholds, cfg.sources)
+    return ctx.save_figure(fig, "quality_criteria.png")
+
+
+def assign_split(cfg: CurationConfig, conversion: ConversionOutcome, split_ids: dict | None) -> SplitResult:
+    """Splits of the included cases (from the split file when given, else seeded and stratified)."""
+    return assign_splits([c.release_id for c in conversion.included], cfg, split_ids)
+
+
+def write_outputs(cfg: CurationConfig, selection: SelectionResult, conversion: ConversionOutcome, splits: SplitResult):
+    """Place the release (images, ``data_split.txt``, sheets, readme) and write the stage tables."""
+    placement = write_release(cfg, conversion, splits)
+    return placement, write_stage_tables(cfg, selection, conversion, splits)
+
+
+def write_table1(cfg: CurationConfig) -> tuple[pd.DataFrame, str]:
+    """Table 1 of the release beside the paper's (``tables/table1.csv``) and its text rendering."""
+    table1 = build_table1(cfg.release_dir, with_masks=has_masks(cfg.release_dir), patterns=cfg.id_patterns)
+    write_text(cfg.tables_dir / "table1.csv", table1.to_csv(index=False))
+    return table1, table1_markdown(table1)
+
+
+def export(ctx: StageContext, cfg: CurationConfig) -> tuple[Path | None, list[Path]]:
+    """The nnU-Net v2 raw dataset (when ``export_nnunet``) and VerSe-style centroid files."""
+    P = ctx.P
+    nnunet_dir = export_nnunet(cfg.release_dir, cfg.stage_dir / "nnunet", P.nnunet_dataset_id, P.nnunet_name) \
+        if P.export_nnunet else None
+    return nnunet_dir, export_verse_centroids(cfg.release_dir, cfg.stage_dir / "centroids")
+
+
+def save_previews(ctx: StageContext, cfg: CurationConfig) -> Path:
+    """Mid-sagittal preview of the first case of each source."""
+    return ctx.save_figure(plot_release_previews(cfg.release_dir, cfg.id_patterns), "release_previews.png", dpi=100)
+
+
+def audit(ctx: StageContext, cfg: CurationConfig) -> tuple[list, AuditReport]:
+    """Collect the sources' identifying values and search every output for them (raises on a leak)."""
+    identifiers = collect_identifiers(cfg.sources_dir, cfg.sources, every_file=ctx.P.audit_every_file)
+    return identifiers, require_no_phi([cfg.release_dir, cfg.stage_dir], identifiers)
+
+
+def record(ctx: StageContext, cfg: CurationConfig, conversion: ConversionOutcome, splits: SplitResult,
+           report: AuditReport, identifiers: list) -> Path:
+    """The run record (counts, split, what was converted now), itself audited for identifiers."""
+    path = ctx.write_record({
+        "included": len(conversion.included),
+        "excluded_patients": int(conversion.exclusions.query("action == 'excluded'")["release_id"].nunique()),
+        "split_counts": splits.counts(cfg.id_patterns).set_index("source")["all"].to_dict(),
+        "unknown_ids": splits.unknown_ids, "converted_now": conversion.converted, "reused": conversion.reused,
+        "phi_audit": report.summary()})
+    print(require_no_phi([path], identifiers).summary())
+    return path

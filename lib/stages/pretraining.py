@@ -1,0 +1,157 @@
+"""Stage 02_pretraining: the segmentation model pretrained on VerSe, before any CTSpine1K annotation.
+
+Notebook ``notebooks/02_pretraining.ipynb``; parameters ``params/<profile>/02_pretraining.yaml``.
+The paper's rules decide which VerSe scans may pretrain the model (complete, uncropped, image and
+mask on one grid: :func:`lib.datasets.verse.select_pretraining_cases`); a seeded hold-out of the
+usable scans is never trained on; the plan comes from a fingerprint of the training scans
+(:mod:`lib.ml.planning`), training from :mod:`lib.ml.trainer`. The held-out scans and, for
+information, some cropped scans are predicted and scored with :mod:`lib.evaluation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from lib.core import labels as L
+from lib.core.cases import split_cases
+from lib.core.paths import ensure
+from lib.datasets.verse import select_pretraining_cases
+from lib.evaluation.folders import evaluate_pairs, write_results
+from lib.ml.inference import evaluation_pairs, predict_cases, prediction_items
+from lib.ml.planning import describe_plan, plan_experiment
+from lib.ml.plans import Plan
+from lib.ml.trainer import TrainResult, train
+from lib.stages.context import StageContext, print_environment  # noqa: F401  (notebook API)
+from lib.viz.charts import plot_dice_per_label, plot_training_curves
+from lib.viz.ortho import plot_prediction
+
+STAGE = "02_pretraining"
+
+Triple = tuple[str, str, str]
+
+
+def start(namespace: dict) -> StageContext:
+    """Validate the parameters, create the stage folders, seed with ``P.seed`` and set torch's
+    CPU threads (``num_threads``; 0 keeps torch's default)."""
+    ctx = StageContext.start(STAGE, namespace, seed=True)
+    if ctx.P.num_threads:
+        torch.set_num_threads(ctx.P.num_threads)
+    return ctx
+
+
+def verse_root(ctx: StageContext) -> Path:
+    """The VerSe BIDS root: ``verse_dir``, else ``data/<profile>/sources/VerSe``."""
+    return Path(ctx.P.verse_dir) if ctx.P.verse_dir else ctx.paths.sources / "VerSe"
+
+
+def select(ctx: StageContext) -> tuple[list[Triple], pd.DataFrame]:
+    """The usable VerSe scans and the selection table (``tables/verse_selection.csv``), one row per
+    scan with the reason it was left out."""
+    usable, selection = select_pretraining_cases(verse_root(ctx), workers=ctx.P.workers)
+    ctx.save_table(selection, "verse_selection.csv")
+    return usable, selection
+
+
+def exclusion_summary(selection: pd.DataFrame) -> pd.DataFrame:
+    """Excluded scans counted by the first word of their reason."""
+    return (selection[~selection["usable"]].groupby(selection["reason"].str.split(":").str[0]).size()
+            .rename("excluded scans").to_frame())
+
+
+def hold_out(ctx: StageContext, usable: Sequence[Triple]) -> tuple[list[Triple], list[Triple], pd.DataFrame]:
+    """Seeded split of the usable scans into training and held-out scans (``tables/split.csv``)."""
+    if not usable:
+        raise RuntimeError(f"{verse_root(ctx)}: no usable (complete, image/mask-consistent) VerSe scan; "
+                           "see the selection table")
+    n_hold = min(ctx.P.n_holdout, len(usable) - 1)
+    train_cases, heldout = split_cases(usable, n_hold, seed=ctx.P.seed)
+    split = pd.DataFrame([(c[0], "train") for c in train_cases] + [(c[0], "heldout") for c in heldout],
+                         columns=["case_id", "split"])
+    ctx.save_table(split, "split.csv")
+    return train_cases, heldout, split
+
+
+def plan(ctx: StageContext, train_cases: Sequence[Triple]) -> Plan:
+    """The plan from a fingerprint of the training scans.
+
+    Every CTSpine1K label (and T13 when kept) is planned, whatever the few VerSe training scans
+    hold: the annotation rounds fine-tune this model on masks that may have any of them.
+    """
+    P = ctx.P
+    label_map = {L.T13: P.t13_label} if P.t13_label != L.T13 else {}
+    model_labels = L.ordered(list(L.CTSPINE1K_LABELS) + ([P.t13_label] if P.t13_label else []))
+    result = plan_experiment(train_cases, P.profile_kind, label_map=label_map, labels=model_labels,
+                             coarse_spacing_mm=P.coarse_spacing_mm, deep_supervision=P.deep_supervision,
+                             target_spacing_mm=[P.fine_spacing_mm] * 3 if P.fine_spacing_mm else None,
+                             workers=P.workers, augmentation={"thick_slice_prob": P.thick_slice_prob})
+    print(describe_plan(result))
+    print("labels:", " ".join(L.name(v) for v in result.labels))
+    return result
+
+
+def train_model(ctx: StageContext, plan_: Plan, train_cases: Sequence[Triple], heldout: Sequence[Triple]) -> TrainResult:
+    """Train (resumes from its checkpoints) into ``models/``; saves ``figures/training_curves.png``."""
+    P = ctx.P
+    result = train(train_cases, ctx.models, plan_, val_cases=heldout, max_epochs=P.max_epochs,
+                   iterations_per_epoch=P.iterations_per_epoch, time_budget_s=P.time_budget_s or None,
+                   lr=P.learning_rate or None, seed=P.seed, device=P.device, workers=P.workers,
+                   cache_dir=ctx.dir / "cache", num_threads=P.num_threads or None)
+    print(f"trained {result.epochs} epochs in {result.seconds:.0f} s (stopped by {result.stopped_by})")
+    ctx.save_figure(plot_training_curves(result.log_csv, title="02_pretraining: loss and patch Dice"),
+                    "training_curves.png")
+    return result
+
+
+def evaluate_scans(ctx: StageContext, cases: Sequence[Triple], labels: Sequence[int], name: str, set_name: str,
+                   title: str) -> tuple[pd.DataFrame, dict]:
+    """Predict ``cases`` (``predictions/<name>/``), score them (``tables/<name>/``: per-case CSV,
+    summary JSON, Table 2) and save ``figures/<name>_dice_per_vertebra.png`` and
+    ``figures/<name>_prediction.png`` (the first case)."""
+    P = ctx.P
+    pred_dir = ensure(ctx.dir / "predictions" / name)
+    with ctx.timings(f"predict_{name}"):
+        pred = predict_cases(ctx.models, prediction_items(cases, pred_dir), workers=P.workers, tta=P.tta,
+                             device=P.device, overwrite=True)
+    print(pred.summary(), f"| {ctx.timings[f'predict_{name}'] / len(cases):.2f} s per scan")
+    table, summary = evaluate_pairs(evaluation_pairs(cases, pred_dir), labels=labels, hd95=P.hd95, workers=P.workers)
+    write_results(table, summary, ctx.tables / name, set_name=set_name)
+    ctx.save_figure(plot_dice_per_label(table), f"{name}_dice_per_vertebra.png")
+    first = cases[0]
+    ctx.save_figure(plot_prediction(first[1], first[2], pred_dir / f"{first[0]}.nii.gz", title=f"{title}: {first[0]}"),
+                    f"{name}_prediction.png")
+    return table, summary
+
+
+def scores(summary: dict, seconds_per_scan: float) -> dict[str, float]:
+    """The headline numbers of an evaluation summary."""
+    return {"spine_dice": summary["mean_of_spine"]["dice"]["mean"],
+            "vertebra_dice": summary["mean_of_vertebrae"]["dice"]["mean"],
+            "vertebra_hd95_mm": summary["mean_of_vertebrae"]["hd95"]["mean"],
+            "identification_rate": summary["mean_of_vertebrae"]["identification_rate_pooled"],
+            "seconds_per_scan": seconds_per_scan}
+
+
+def cropped_cases(ctx: StageContext, selection: pd.DataFrame) -> list[Triple]:
+    """The cropped VerSe scans to score for information (``max_cropped_cases``, 0: all)."""
+    if not ctx.P.evaluate_cropped:
+        return []
+    cropped = [(r.case_id, r.image, r.mask) for r in selection.itertuples() if str(r.reason).startswith("cropped")]
+    return cropped[: ctx.P.max_cropped_cases or None]
+
+
+def record(ctx: StageContext, selection: pd.DataFrame, usable: Sequence[Triple], train_cases: Sequence[Triple],
+           heldout: Sequence[Triple], result: TrainResult, heldout_scores: dict, cropped_summary: dict) -> Path:
+    """The run record: the selection, the split, training and the held-out / cropped scores."""
+    return ctx.write_record({
+        "verse_scans": len(selection), "usable": len(usable),
+        "excluded": selection[~selection["usable"]][["case_id", "reason"]].to_dict("records"),
+        "train_cases": [c[0] for c in train_cases], "heldout_cases": [c[0] for c in heldout],
+        "train_seconds": result.seconds, "epochs": result.epochs, "stopped_by": result.stopped_by,
+        "heldout": heldout_scores,
+        "cropped": {"spine_dice": cropped_summary.get("mean_of_spine", {}).get("dice", {}).get("mean"),
+                    "vertebra_dice": cropped_summary.get("mean_of_vertebrae", {}).get("dice", {}).get("mean")},
+        "model_dir": str(ctx.models)})
