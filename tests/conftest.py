@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import matplotlib
 import numpy as np
 import pytest
+
+from lib.synthetic import generate
+from tests.helpers.synthetic_sources import _tiny_cfg
 
 matplotlib.use("Agg")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -34,3 +38,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """One tiny generated source tree shared by the module (fixed folders, not env-derived)."""
+    root = tmp_path_factory.mktemp("data") / "ci"
+    p = SimpleNamespace(profile="ci", sources=root / "sources", oracle=root / "oracle")
+    report = generate.generate_sources(p, _tiny_cfg(), workers=0, progress=False)
+    return p, report
+

@@ -1,0 +1,107 @@
+"""lib.app.pipeline: papermill runs in order, skips up-to-date stages, chains re-runs, reports failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lib.app import pipeline
+from lib.core.params import ParamsError
+
+
+def _nb(path, params_src, body):
+    cells = [
+        {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": params_src, "outputs": [], "execution_count": None},
+        {"cell_type": "code", "metadata": {}, "source": body, "outputs": [], "execution_count": None},
+    ]
+    nb = {"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    path.write_text(json.dumps(nb))
+
+
+@pytest.fixture
+def project(tmp_path):
+    nbd, pd = tmp_path / "notebooks", tmp_path / "params" / "ci"
+    nbd.mkdir()
+    pd.mkdir(parents=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    for stage in ("00_first", "01_second"):
+        _nb(nbd / f"{stage}.ipynb",
+            'profile: str = "synthetic"  # profile\nvalue: int = 1  # a number\n',
+            f"import pathlib\np = pathlib.Path({str(out)!r}) / '{stage}.txt'\n"
+            "p.write_text(p.read_text() + 'x' if p.exists() else 'x')\n"
+            "assert value >= 0, 'value must be non-negative'\n")
+        (pd / f"{stage}.yaml").write_text("profile: ci\nvalue: 2\n")
+    return tmp_path, out
+
+
+def _run(root, **kw):
+    return pipeline.run("ci", notebook_dir=root / "notebooks", params_dir=root / "params", log=lambda m: None, report=False, **kw)
+
+
+def test_runs_then_skips_then_reruns_downstream(project):
+    root, out = project
+    assert _run(root) == {"00_first": "ran", "01_second": "ran"}
+    assert _run(root) == {"00_first": "skipped", "01_second": "skipped"}
+    (root / "params" / "ci" / "00_first.yaml").write_text("profile: ci\nvalue: 3\n")
+    assert _run(root) == {"00_first": "ran", "01_second": "ran"}  # downstream of a change re-runs
+    (root / "params" / "ci" / "01_second.yaml").write_text("profile: ci\nvalue: 4\n")
+    assert _run(root) == {"00_first": "skipped", "01_second": "ran"}
+    assert (out / "00_first.txt").read_text() == "xx" and (out / "01_second.txt").read_text() == "xxx"
+    assert _run(root, force=True, stages_spec="01") == {"01_second": "ran"}
+
+
+def test_failure_names_stage_and_cell(project):
+    root, _ = project
+    (root / "params" / "ci" / "01_second.yaml").write_text("profile: ci\nvalue: -1\n")
+    with pytest.raises(pipeline.StageFailed) as info:
+        _run(root)
+    msg = str(info.value)
+    assert "01_second FAILED" in msg and "AssertionError" in msg and "value must be non-negative" in msg
+    assert "p.write_text" in msg  # the failing cell's source
+
+
+def test_params_typo_stops_before_anything_runs(project):
+    root, out = project
+    (root / "params" / "ci" / "01_second.yaml").write_text("profile: ci\nvalu: 4\n")
+    with pytest.raises(ParamsError, match="'valu'.*'value'"):
+        _run(root)
+    assert not (out / "00_first.txt").exists()
+
+
+def test_rerun_with_new_inputs_starts_clean_but_an_interrupted_run_resumes(project, tmp_path):
+    root, _ = project
+    # a stage that resumes from what its folder holds: it counts the runs it finds there
+    body = ("import os, pathlib\n"
+            "d = pathlib.Path(os.environ['SPINE1K_RUNS']) / 'ci' / '01_second'\n"
+            "f = d / 'done.txt'\n"
+            "f.write_text(f.read_text() + 'x' if f.exists() else 'x')\n"
+            "(d / 'cache').mkdir(exist_ok=True)\n"
+            "(d / 'cache' / 'c.txt').write_text('cached')\n"
+            "assert value >= 0, 'value must be non-negative'\n")
+    _nb(root / "notebooks" / "01_second.ipynb", 'profile: str = "synthetic"  # profile\nvalue: int = 1  # a number\n', body)
+    stage = tmp_path / "runs" / "ci" / "01_second"
+    assert _run(root)["01_second"] == "ran"
+    assert (stage / "done.txt").read_text() == "x"
+    (root / "params" / "ci" / "01_second.yaml").write_text("profile: ci\nvalue: 5\n")
+    assert _run(root)["01_second"] == "ran"
+    assert (stage / "done.txt").read_text() == "x"  # new inputs: a clean folder, not a resumed one
+    assert (tmp_path / "runs" / "ci" / ".previous" / "01_second" / "done.txt").exists()
+    assert (stage / "cache" / "c.txt").exists()  # content-keyed caches survive
+    # a failed run resumes with the same inputs (what it wrote is kept)
+    (root / "params" / "ci" / "01_second.yaml").write_text("profile: ci\nvalue: -1\n")
+    with pytest.raises(pipeline.StageFailed):
+        _run(root)
+    assert (stage / "done.txt").read_text() == "x"  # fresh folder, one attempt
+    with pytest.raises(pipeline.StageFailed):
+        _run(root)
+    assert (stage / "done.txt").read_text() == "xx"  # same inputs: resumed
+    with pytest.raises(pipeline.StageFailed):
+        _run(root, force=True)
+    assert (stage / "done.txt").read_text() == "x"  # forced: never resumed
+    assert _run(root, force=False, stages_spec="00") == {"00_first": "skipped"}
+    (root / "params" / "ci" / "01_second.yaml").write_text("profile: ci\nvalue: 5\n")
+    assert _run(root, force=True)["01_second"] == "ran"
+    assert (stage / "done.txt").read_text() == "x"  # forced: clean again
