@@ -35,14 +35,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.datasets import verse  # noqa: E402
-from lib.ml import inference  # noqa: E402
-from lib.ml import planning  # noqa: E402
-from lib.ml import trainer  # noqa: E402
 from lib.core import labels as L  # noqa: E402
 from lib.core.cases import split_cases  # noqa: E402
 from lib.core.paths import REPO_ROOT  # noqa: E402
+from lib.datasets import verse  # noqa: E402
 from lib.io import load_volume  # noqa: E402
+from lib.ml import (
+    inference,  # noqa: E402
+    planning,  # noqa: E402
+    trainer,  # noqa: E402
+)
 
 CONFIGS = {
     "final": {},

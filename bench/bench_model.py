@@ -28,15 +28,16 @@ import time
 import numpy as np
 import torch
 
-from lib.ml import inference
-from lib.ml import losses
-from lib.ml import networks
-from lib.ml import planning
-from lib.ml import plans
-from lib.ml import preprocessing
-from lib.ml import sliding_window
-from lib.ml import trainer
-
+from lib.ml import (
+    inference,
+    losses,
+    networks,
+    planning,
+    plans,
+    preprocessing,
+    sliding_window,
+    trainer,
+)
 
 
 def _fingerprint(shape, spacing, labels):

@@ -26,7 +26,7 @@ import pandas as pd
 TIME_KEY = re.compile(r"(^|_)(seconds|s|elapsed|elapsed_s|time|times|finished|started_at|finished_at|at|"
                       r"time_utc|epoch_s|cpu_s|call_seconds|generate_s|write_s|mean_s|median_s|max_s|"
                       r"mean_ms_per_mvoxel|total_s|mvox_per_s|slab_s|s_per_slice|full_case_s_estimate|"
-                      r"seconds_per_scan|train_seconds|timings_s|git_sha|environment)$", re.IGNORECASE)
+                      r"seconds_per_scan|train_seconds|timings_s|git_sha|environment|fingerprint)$", re.IGNORECASE)
 SKIP_FILES = {"conversion_times.csv", "generation_time.csv", "run_record.json", "pipeline.json",
               "train_result.json", ".stage.json"}
 

@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib.core import params as _params
 from lib.app.report import build_report
+from lib.core import params as _params
 from lib.core.paths import REPO_ROOT, STAGES, for_profile
 from lib.io import write_text
 

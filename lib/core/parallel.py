@@ -156,8 +156,8 @@ def _case_id(case: Any) -> str:
 
 
 def _run_dask(fn, items, keys, scheduler, outcomes, bar) -> None:
-    from distributed import Client
-    from distributed import as_completed as dask_completed
+    from distributed import Client  # optional at run time: only a named scheduler needs Dask
+    from distributed import as_completed as dask_completed  # (see above)
 
     with Client(scheduler) as client:
         futs = client.map(_call, [fn] * len(items), items, key=[f"spine1k-{k}-{i}" for i, k in enumerate(keys)],

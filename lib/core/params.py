@@ -3,11 +3,11 @@
 Each notebook declares its parameters in one cell tagged ``parameters``, one typed literal
 per line with a trailing comment (papermill's convention)::
 
-    profile: Literal["synthetic", "ci", "paper"] = "synthetic"  # the data and budget
+    profile: Profile = "synthetic"  # the data and budget
     max_epochs: int = 40  # training length on the synthetic grid
 
-That cell is the schema; a ``Literal[...]`` annotation lists the allowed values (a wrong one
-fails with the choices). ``params/<profile>/NN_stage.yaml`` must use exactly those names with
+That cell is the schema; a choice type from :data:`CHOICES` (``Profile``, ``HD95``...) lists
+the allowed values, and a wrong one fails with the choices. ``params/<profile>/NN_stage.yaml`` must use exactly those names with
 values of those types. Papermill only *warns* about unknown names, so the workspace checks
 itself: a typo (``max_epoch``) or a wrong type is an error that names the file, the key and
 the closest valid names. Inside the notebook, :func:`collect` builds the typed object from the
@@ -20,6 +20,7 @@ import ast
 import difflib
 import io as _io
 import json
+import sys
 import tokenize
 import types
 import typing
@@ -35,9 +36,27 @@ from lib.core.paths import REPO_ROOT
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 PARAMS_DIR = REPO_ROOT / "params"
 
+Profile = typing.Literal["synthetic", "ci", "paper"]
+"""The three profiles: embedded synthetic data (default), the smallest runs of every code path, real data."""
+HD95 = typing.Literal["pooled", "max"]
+"""HD95 definitions by name (:data:`lib.metrics.surface.HD95_DEFINITIONS`)."""
+OnError = typing.Literal["collect", "raise"]
+"""What a map over cases does with a failed case (:func:`lib.core.parallel.map_cases`)."""
+AnnotationMode = typing.Literal["simulated", "replay", "human"]
+"""Who annotates in 03: simulated tiers against the oracle, against a real release's masks, or people."""
+InitFrom = typing.Literal["annotation", "pretrained", "scratch"]
+"""What 04's final model starts from."""
+ProfileKind = typing.Literal["synthetic", "paper"]
+"""Network plan kind (:mod:`lib.ml.planning`)."""
+
+CHOICES: dict[str, Any] = {"Profile": Profile, "HD95": HD95, "OnError": OnError, "AnnotationMode": AnnotationMode,
+                           "InitFrom": InitFrom, "ProfileKind": ProfileKind}
+"""Named choices a parameters cell may use as a type (``hd95: HD95 = "pooled"``): papermill parses a
+plain name, not a ``Literal[...]`` with quoted values, so the choices are declared once here."""
+
 _TYPE_NAMESPACE: dict[str, Any] = {
     "str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict,
-    "tuple": tuple, "None": None, "Any": Any, "Optional": typing.Optional, "Literal": typing.Literal,
+    "tuple": tuple, "None": None, "Any": Any, "Optional": typing.Optional, "Literal": typing.Literal, **CHOICES,
 }
 
 
@@ -263,8 +282,6 @@ def check_all(profiles=None) -> list[str]:
 
 def main(argv=None) -> int:
     """``python -m lib.core.params [PROFILE ...]``: validate params files; exit 1 on any problem."""
-    import sys
-
     argv = sys.argv[1:] if argv is None else argv
     problems = check_all(argv or None)
     for p in problems:

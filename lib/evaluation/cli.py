@@ -10,7 +10,13 @@ from pathlib import Path
 from lib import metrics
 from lib.core import labels as lab
 from lib.core.parallel import CaseErrors
-from lib.evaluation.folders import PER_CASE_CSV, SUMMARY_JSON, TABLE2_CSV, TABLE2_MD, evaluate_folders
+from lib.evaluation.folders import (
+    PER_CASE_CSV,
+    SUMMARY_JSON,
+    TABLE2_CSV,
+    TABLE2_MD,
+    evaluate_folders,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

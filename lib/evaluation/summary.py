@@ -17,7 +17,6 @@ import pandas as pd
 from lib import metrics
 from lib.core import labels as lab
 
-
 CONVENTIONS = {
     "absent_in_both": "not evaluated (no row)",
     "missed": "present in truth, absent in prediction: Dice 0, NSD 0, HD95/ASSD missing (null), "

@@ -5,7 +5,14 @@ load_volume``); the DICOM modules are imported by name (:mod:`lib.io.dicom_read`
 :mod:`lib.io.dicom_write`).
 """
 
-from lib.io.atomic import PARTIAL_DIR, atomic_path, atomic_write, link_or_copy, move_atomic, write_text
+from lib.io.atomic import (
+    PARTIAL_DIR,
+    atomic_path,
+    atomic_write,
+    link_or_copy,
+    move_atomic,
+    write_text,
+)
 from lib.io.integrity import Fault, IntegrityError, check_pair, require_pair
 from lib.io.nifti import (
     FAST_GZIP,

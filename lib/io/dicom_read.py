@@ -405,7 +405,7 @@ def _slice_hu(ds: Dataset, path: Path) -> np.ndarray:
         pix = ds.pixel_array
     except Exception as exc:  # compressed syntax without a decoder, truncated pixel data ...
         try:
-            import SimpleITK as sitk
+            import SimpleITK as sitk  # optional heavy dependency: a decoder for compressed pixel data
 
             pix = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[0]
         except Exception:

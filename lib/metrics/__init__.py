@@ -13,8 +13,19 @@ Arrays are label maps of any integer (or bool) dtype, axes ``(x, y, z)`` as load
 
 from lib.metrics.case import evaluate_case
 from lib.metrics.centroids import centroids_mm
-from lib.metrics.conventions import DETECTED, FALSE_POSITIVE, METRIC_COLUMNS, MISSED, SPINE_LABEL, SPINE_NAME
-from lib.metrics.identification import IDENTIFICATION_MAX_DIST_MM, identification, identification_rate
+from lib.metrics.conventions import (
+    DETECTED,
+    FALSE_POSITIVE,
+    METRIC_COLUMNS,
+    MISSED,
+    SPINE_LABEL,
+    SPINE_NAME,
+)
+from lib.metrics.identification import (
+    IDENTIFICATION_MAX_DIST_MM,
+    identification,
+    identification_rate,
+)
 from lib.metrics.overlap import dice, dice_from_counts, dice_per_label, mean_vertebra_dice
 from lib.metrics.surface import (
     DEFAULT_NSD_TOLERANCE_MM,

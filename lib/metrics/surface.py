@@ -36,7 +36,13 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from lib.metrics.arrays import check_spacing, foreground_box, padded_window, surface_of_padded, union_box
+from lib.metrics.arrays import (
+    check_spacing,
+    foreground_box,
+    padded_window,
+    surface_of_padded,
+    union_box,
+)
 from lib.metrics.overlap import dice_from_counts
 
 HD95_DEFINITIONS: dict[str, str] = {

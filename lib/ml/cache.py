@@ -21,8 +21,13 @@ from lib.imaging.resampling import resample_image, resample_labels, resampled_sh
 from lib.io.atomic import atomic_path, write_text
 from lib.io.nifti import load_volume
 from lib.ml.plans import Plan, StagePlan, plan_from_dict, plan_to_dict
-from lib.ml.preprocessing import LEVEL_NEAR_MM, SOFT_MAX, encode_levels, mask_to_classes, normalize_ct
-
+from lib.ml.preprocessing import (
+    LEVEL_NEAR_MM,
+    SOFT_MAX,
+    encode_levels,
+    mask_to_classes,
+    normalize_ct,
+)
 
 CACHE_VERSION = 4
 

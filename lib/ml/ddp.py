@@ -15,8 +15,8 @@ from typing import Any
 import torch.distributed as dist
 
 from lib.io.atomic import write_text
-from lib.ml.plans import Plan, plan_from_dict, plan_to_dict
 from lib.ml.device import dist_info
+from lib.ml.plans import Plan, plan_from_dict, plan_to_dict
 from lib.ml.trainer import TrainResult, train
 
 

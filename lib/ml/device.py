@@ -25,6 +25,12 @@ def describe_device(device: str = "auto") -> str:
     return f"{dev.type} ({os.cpu_count()} CPUs, torch threads {torch.get_num_threads()})"
 
 
+def set_threads(n: int) -> None:
+    """Use ``n`` CPU threads in torch (0 or None keeps torch's default)."""
+    if n:
+        torch.set_num_threads(int(n))
+
+
 def seed_torch(seed: int) -> None:
     """Seed torch's global generator (the stage context calls it with the core seeds)."""
     torch.manual_seed(seed)

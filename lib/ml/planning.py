@@ -55,7 +55,6 @@ from lib.io.nifti import load_volume
 from lib.ml.networks import build_network, count_parameters
 from lib.ml.plans import PROFILE_KINDS, Plan, StagePlan, divisibility, validate_plan
 
-
 # Activation-memory budgets in "voxel x feature" units (batch included), see estimate_memory().
 # paper: what nnU-Net's 3d_fullres reference (128^3 patch, batch 2, filters 32..320) needs.
 _PAPER_FILTERS = (32, 64, 128, 256, 320, 320)

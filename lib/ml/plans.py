@@ -17,7 +17,6 @@ import numpy as np
 from lib.core.labels import level_index, ordered
 from lib.io.atomic import write_text
 
-
 PLAN_VERSION = 2  # 2: "levels" stages count Plan.level_ladder() (T13 off the ladder)
 
 

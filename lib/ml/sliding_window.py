@@ -15,7 +15,6 @@ import torch
 
 from lib.ml.sampling import z_channel
 
-
 FLOAT16_ABOVE_BYTES = 1 << 30
 
 

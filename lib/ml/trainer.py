@@ -59,12 +59,19 @@ from tqdm.auto import tqdm
 
 from lib.io.atomic import write_text
 from lib.ml.cache import build_caches, open_cache
-from lib.ml.checkpoint import config_hash, init_state, load_torch, load_weights, save_torch, write_log
+from lib.ml.checkpoint import (
+    config_hash,
+    init_state,
+    load_torch,
+    load_weights,
+    save_torch,
+    write_log,
+)
 from lib.ml.device import dist_info, resolve_device
 from lib.ml.losses import deep_loss, dice_scores, make_loss, predicted_classes, target_classes
 from lib.ml.networks import build_network
-from lib.ml.plans import Plan, plan_to_dict, save_plan
 from lib.ml.planning import plan_experiment
+from lib.ml.plans import Plan, plan_to_dict, save_plan
 from lib.ml.sampling import EpochBatches, PatchSampler
 
 

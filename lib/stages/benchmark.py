@@ -17,9 +17,9 @@ import pandas as pd
 from lib.core.cases import Case
 from lib.core.parallel import MapResult
 from lib.core.paths import find_model_dir, prediction_path
+from lib.datasets.benchmark_sets import benchmark_test_cases
 from lib.datasets.ctspine1k.release import annotated_cases
 from lib.datasets.ctspine1k.table1 import build_table1
-from lib.datasets.benchmark_sets import benchmark_test_cases
 from lib.evaluation.sets import evaluate_sets
 from lib.evaluation.summary import case_scores
 from lib.evaluation.table2 import build_table2, table2_markdown

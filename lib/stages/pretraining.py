@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from lib.core import labels as L
 from lib.core.cases import split_cases
 from lib.core.paths import ensure
 from lib.datasets.verse import select_pretraining_cases
 from lib.evaluation.folders import evaluate_pairs, write_results
+from lib.ml.device import set_threads
 from lib.ml.inference import evaluation_pairs, predict_cases, prediction_items
 from lib.ml.planning import describe_plan, plan_experiment
 from lib.ml.plans import Plan
@@ -38,8 +38,7 @@ def start(namespace: dict) -> StageContext:
     """Validate the parameters, create the stage folders, seed with ``P.seed`` and set torch's
     CPU threads (``num_threads``; 0 keeps torch's default)."""
     ctx = StageContext.start(STAGE, namespace, seed=True)
-    if ctx.P.num_threads:
-        torch.set_num_threads(ctx.P.num_threads)
+    set_threads(ctx.P.num_threads)
     return ctx
 
 

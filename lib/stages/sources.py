@@ -20,14 +20,13 @@ from tqdm.auto import tqdm
 from lib.datasets.downloads import VerifyReport, verify_sources
 from lib.datasets.paper_facts import PAPER_TABLE1
 from lib.io.dicom_read import read_source_volume
-from lib.synthetic import oracle
-from lib.synthetic.phantom import CaseSpec, build_anatomy, generate_case
 from lib.stages.context import StageContext, print_environment  # noqa: F401  (notebook API)
+from lib.synthetic import oracle
 from lib.synthetic.generate import GenerationReport, generate_sources
+from lib.synthetic.phantom import CaseSpec, build_anatomy, generate_case
 from lib.synthetic.source_plan import RAW_SOURCES
 from lib.viz.ortho import plot_ortho
 from lib.viz.style import save_figure
-
 
 STAGE = "00_sources"
 

@@ -6,6 +6,8 @@ audit must remove: every planted value is listed in the oracle's ``phi_planted.j
 
 from __future__ import annotations
 
+import datetime as _dt
+
 _SURNAMES = ("MILLER", "GARCIA", "NGUYEN", "SMITH", "KOWALSKI", "MUELLER", "ROSSI", "TANAKA", "DUBOIS",
              "OKAFOR", "LINDQVIST", "HASSAN", "NOVAK", "SILVA", "MURPHY", "PETROV")
 
@@ -33,8 +35,6 @@ def fake_date(rng, y0: int, y1: int) -> str:
 
 
 def shift_date(date: str, days: int) -> str:
-    import datetime as _dt
-
     d = _dt.date(int(date[:4]), int(date[4:6]), int(date[6:])) + _dt.timedelta(days=days)
     return d.strftime("%Y%m%d")
 

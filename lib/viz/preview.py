@@ -26,7 +26,7 @@ def preview_3d(case: Case, interactive: bool, use_itkwidgets: bool, offline_png:
     else a PNG written by :func:`render_3d` (its path).
     """
     if interactive and use_itkwidgets:
-        from itkwidgets import view  # optional heavy dependency; its viewer needs an online frontend
+        from itkwidgets import view  # optional heavy dependency (online viewer)
 
         img, _, pred = load_case(case)
         return view(image=np.ascontiguousarray(img.array), label_image=np.ascontiguousarray(pred))

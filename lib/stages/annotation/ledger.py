@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     case_id TEXT NOT NULL,

@@ -27,7 +27,6 @@ import numpy as np
 from lib.core.seeding import stable_rng
 from lib.imaging.label_shift import level_offsets, relabel, variant_of
 
-
 TIERS = ("junior", "senior_1", "senior_2", "expert", "double_check")
 
 

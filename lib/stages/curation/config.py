@@ -7,14 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from lib.core.paths import ProfilePaths
 from lib.datasets.ctspine1k.ids import (
     BUILTIN_ID_PATTERNS,
     SOURCES,
     merge_id_patterns,
 )
-
 
 METADATA_SHEETS = {"COLONOG": "metadata_colonog.xlsx", "HNSCC": "metadata_neck.xlsx"}
 

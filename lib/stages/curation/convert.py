@@ -35,7 +35,12 @@ from lib.io import (
     write_text,
 )
 from lib.io import dicom_read as dicom
-from lib.stages.curation.config import CONVERTER_VERSION, METADATA_TAGS, CurationConfig, QualityThresholds
+from lib.stages.curation.config import (
+    CONVERTER_VERSION,
+    METADATA_TAGS,
+    CurationConfig,
+    QualityThresholds,
+)
 from lib.stages.curation.discover import Candidate
 from lib.stages.curation.phi import PHI_KEYWORDS
 from lib.stages.curation.select import SelectionResult

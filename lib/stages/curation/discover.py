@@ -14,10 +14,10 @@ from lib.datasets.ctspine1k.ids import (
     SOURCES,
     release_id_for,
 )
+from lib.io import dicom_read as dicom
 from lib.io import (
     strip_nifti_suffix,
 )
-from lib.io import dicom_read as dicom
 
 
 @dataclass

@@ -16,6 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
+
+try:  # python-isal: a faster gzip (a declared dependency)
+    from isal import igzip
+except ImportError:  # pragma: no cover
+    igzip = None
 import numpy as np
 from pydicom.multival import MultiValue
 from tqdm.auto import tqdm
@@ -25,7 +30,6 @@ from lib.datasets.ctspine1k.ids import (
     SOURCES,
 )
 from lib.io import dicom_read as dicom
-
 
 #: Keywords whose values identify a patient, a visit, a place or a person (DICOM PS3.15
 #: basic profile, the subset that CT headers carry). Every PN (person name) and DA/DT (date)
@@ -267,12 +271,7 @@ def _png_text(raw: bytes) -> bytes:
 
 
 def _gunzip(raw: bytes) -> bytes:
-    try:
-        from isal import igzip
-
-        return igzip.decompress(raw)
-    except ImportError:  # pragma: no cover - isal is a declared dependency
-        return gzip.decompress(raw)
+    return igzip.decompress(raw) if igzip is not None else gzip.decompress(raw)
 
 
 def _nifti_views(body: bytes, label: str) -> list[tuple[str, bytes]]:

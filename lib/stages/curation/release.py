@@ -24,7 +24,13 @@ from lib.io import (
     write_text,
 )
 from lib.stages.curation.config import METADATA_SHEETS, CurationConfig
-from lib.stages.curation.convert import ConversionOutcome, IncludedCase, read_manifest, release_file, write_manifest
+from lib.stages.curation.convert import (
+    ConversionOutcome,
+    IncludedCase,
+    read_manifest,
+    release_file,
+    write_manifest,
+)
 from lib.stages.curation.select import SelectionResult
 
 

@@ -24,7 +24,12 @@ from lib.stages.curation.config import CurationConfig
 from lib.stages.curation.convert import ConversionOutcome, convert_selected, quality_faults
 from lib.stages.curation.discover import candidates_table, discover_candidates
 from lib.stages.curation.phi import AuditReport, collect_identifiers, require_no_phi
-from lib.stages.curation.release import SplitResult, assign_splits, write_release, write_stage_tables
+from lib.stages.curation.release import (
+    SplitResult,
+    assign_splits,
+    write_release,
+    write_stage_tables,
+)
 from lib.stages.curation.select import SelectionResult, select_series
 from lib.viz.charts import plot_quality
 from lib.viz.gallery import plot_release_previews
