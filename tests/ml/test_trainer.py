@@ -19,6 +19,8 @@ from lib.ml import checkpoint, ddp, networks, plans, trainer
 from tests.helpers.plans import tiny_plan
 from tests.helpers.toy_cases import toy_cases
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _weights(out_dir):
     return torch.load(out_dir / "model.pt", weights_only=False)["weights"]
@@ -90,8 +92,6 @@ def test_time_budget_stops_training(tmp_path):
 _KILL_SCRIPT = """
 import os, signal, sys, torch
 from lib.ml import ddp, sampling
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 torch.set_num_threads(1)
 k = int(sys.argv[2])
 batch = sampling.PatchSampler.batch
