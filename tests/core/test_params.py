@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import typing
 
 import pytest
 
-from lib.core import params
+from lib.core import params, paths
 
 CELL = '''profile: str = "synthetic"  # synthetic | ci | paper
 max_epochs: int = 40  # training length
@@ -74,3 +75,17 @@ def test_every_params_file_matches_its_notebook():
         for stage in stages:
             values = params.load_params(params.params_file(profile, stage), stage)
             assert values["profile"] == profile
+
+
+def test_choice_types_reject_other_values_and_match_their_sources(tmp_path):
+    from lib.metrics.surface import HD95_DEFINITIONS
+
+    nb = _notebook(tmp_path / "03_x.ipynb", 'profile: Profile = "synthetic"  # the data\nhd95: HD95 = "pooled"  # HD95 definition\n')
+    pf = tmp_path / "c.yaml"
+    pf.write_text("hd95: median\n")
+    with pytest.raises(params.ParamsError, match=r"c.yaml: parameter 'hd95' = 'median'.*'pooled' or 'max'"):
+        params.load_params(pf, nb)
+    pf.write_text("profile: ci\nhd95: max\n")
+    assert params.load_params(pf, nb) == {"profile": "ci", "hd95": "max"}
+    assert set(typing.get_args(params.HD95)) == set(HD95_DEFINITIONS)
+    assert set(typing.get_args(params.Profile)) == set(paths.PROFILES)

@@ -215,7 +215,7 @@ def _safe(name: str) -> str:
 
 
 @dataclass
-class IncludedCase:
+class IncludedSeries:
     """A converted series that passed every check and becomes a release case."""
 
     release_id: str
@@ -233,7 +233,7 @@ class IncludedCase:
 class ConversionOutcome:
     """What :func:`convert_selected` produced."""
 
-    included: list[IncludedCase]
+    included: list[IncludedSeries]
     exclusions: pd.DataFrame
     records: dict[str, dict]
     failures: list
@@ -319,7 +319,7 @@ def convert_selected(sel: SelectionResult, cfg: CurationConfig, progress: bool =
     manifest = read_manifest(cfg)
     queues = {s.release_id: [s.candidate, *s.fallbacks] for s in sel.selections}
     by_rid = {s.release_id: s for s in sel.selections}
-    included: list[IncludedCase] = []
+    included: list[IncludedSeries] = []
     exclusions: list[dict] = []
     records: dict[str, dict] = {}
     failures: list = []
@@ -358,7 +358,7 @@ def convert_selected(sel: SelectionResult, cfg: CurationConfig, progress: bool =
                 s = by_rid[rid]
                 reason = s.reason if cand is s.candidate else f"fallback after the selected series failed ({s.reason})"
                 tp = s.time_point if cand is s.candidate else ""
-                included.append(IncludedCase(rid, cand.source, cand.patient, cand.source_key, reason, cand.position, tp,
+                included.append(IncludedSeries(rid, cand.source, cand.patient, cand.source_key, reason, cand.position, tp,
                                              rec, Path(_job(cand, cfg)["staged"])))
                 continue
             more = len(queue) > 1

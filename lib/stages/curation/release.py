@@ -26,7 +26,7 @@ from lib.io import (
 from lib.stages.curation.config import METADATA_SHEETS, CurationConfig
 from lib.stages.curation.convert import (
     ConversionOutcome,
-    IncludedCase,
+    IncludedSeries,
     read_manifest,
     release_file,
     write_manifest,
@@ -86,7 +86,7 @@ class PlacementReport:
     stale: list[str] = field(default_factory=list)
 
 
-def place_release(included: Sequence[IncludedCase], assignment: Mapping[str, str], cfg: CurationConfig
+def place_release(included: Sequence[IncludedSeries], assignment: Mapping[str, str], cfg: CurationConfig
                   ) -> PlacementReport:
     """Put every included image at ``<release>/<split>/data/<ID>.nii.gz`` and create ``gt/``.
 
@@ -142,7 +142,7 @@ def place_release(included: Sequence[IncludedCase], assignment: Mapping[str, str
     return rep
 
 
-def cases_table(included: Sequence[IncludedCase], assignment: Mapping[str, str], cfg: CurationConfig) -> pd.DataFrame:
+def cases_table(included: Sequence[IncludedSeries], assignment: Mapping[str, str], cfg: CurationConfig) -> pd.DataFrame:
     """``tables/cases.csv``: release_id, split, source, spacing, shape, path (+ measures)."""
     rows = []
     for c in included:
@@ -159,7 +159,7 @@ def cases_table(included: Sequence[IncludedCase], assignment: Mapping[str, str],
                                        "border_fraction"])
 
 
-def provenance_table(included: Sequence[IncludedCase], split: SplitResult) -> pd.DataFrame:
+def provenance_table(included: Sequence[IncludedSeries], split: SplitResult) -> pd.DataFrame:
     """``tables/provenance.csv``: release_id, split, source, source_key (SeriesInstanceUID for
     DICOM, file stem for NIfTI) and how the series was chosen. No identifying values."""
     rows = [{"release_id": c.release_id, "split": split.assignment[c.release_id], "source": c.source,
@@ -169,7 +169,7 @@ def provenance_table(included: Sequence[IncludedCase], split: SplitResult) -> pd
                                        "time_point", "selection", "split_origin"])
 
 
-def write_metadata_sheets(included: Sequence[IncludedCase], assignment: Mapping[str, str], release_dir: Path
+def write_metadata_sheets(included: Sequence[IncludedSeries], assignment: Mapping[str, str], release_dir: Path
                           ) -> list[Path]:
     """``metadata_colonog.xlsx`` and ``metadata_neck.xlsx``: one row per release case with the
     non-identifying tags (:data:`METADATA_TAGS`, age band, contrast, patient position) plus
