@@ -1,7 +1,7 @@
 """Benchmark: synthetic CT generation time per case, at the synthetic grid and at paper scale.
 
 Measures, in one run:
-  * lib.phantom.generate_case per field of view at the synthetic grid (params/synthetic);
+  * lib.synthetic.phantom.generate_case per field of view at the synthetic grid (params/synthetic);
   * one paper-scale case (512 x 512, 0.75 mm in-plane, 0.8 mm slices, abdomen = COLONOG-like);
   * the shared rendering of a patient's two CT-colonography positions (generate_scans) against
     two independent generate_case calls;
