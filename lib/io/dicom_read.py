@@ -225,6 +225,152 @@ def _floats(value, n: int) -> np.ndarray | None:
     return arr if arr.size == n and np.all(np.isfinite(arr)) else None
 
 
+def _series_faults(datasets: Sequence[Dataset], require_ct: bool) -> list[SeriesFault]:
+    """Faults of the series as a whole: mixed series UIDs, non-CT modality, multi-frame files."""
+    faults: list[SeriesFault] = []
+    uids = sorted({str(ds.get("SeriesInstanceUID", "")) for ds in datasets})
+    if len(uids) > 1:
+        faults.append(SeriesFault("mixed_series", f"{len(uids)} different SeriesInstanceUIDs in one series folder "
+                                  f"({', '.join(u or '<none>' for u in uids[:4])}{' ...' if len(uids) > 4 else ''})",
+                                  len(uids), 1))
+    modalities = sorted({str(ds.get("Modality", "")) for ds in datasets})
+    if require_ct and modalities != ["CT"]:
+        faults.append(SeriesFault("modality", f"Modality {modalities}, expected CT", "/".join(modalities), "CT"))
+    frames = [int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets]
+    if max(frames) > 1:
+        faults.append(SeriesFault("multi_frame", f"multi-frame file with {max(frames)} frames (enhanced CT is not supported)",
+                                  max(frames), 1))
+    return faults
+
+
+def _attribute_faults(n: int, ps: list, iop: list, ipp: list, rows: set[int], cols: set[int]) -> list[SeriesFault]:
+    """Missing or invalid geometry attributes and differing matrix sizes.
+
+    Args:
+        n: number of files.
+        ps, iop, ipp: per file ``PixelSpacing`` (mm), ``ImageOrientationPatient``,
+            ``ImagePositionPatient`` (mm) as arrays, None where missing or invalid.
+        rows, cols: the distinct ``Rows`` / ``Columns`` values.
+    """
+    faults: list[SeriesFault] = []
+    checks = {"PixelSpacing": "missing_pixel_spacing", "ImageOrientationPatient": "missing_orientation",
+              "ImagePositionPatient": "missing_position"}
+    for name, vals in (("PixelSpacing", ps), ("ImageOrientationPatient", iop), ("ImagePositionPatient", ipp)):
+        missing = sum(v is None for v in vals)
+        if missing:
+            faults.append(SeriesFault(checks[name], f"{name} missing or invalid in {missing} of {n} files", missing, 0))
+    if any(v is not None and np.any(v <= 0) for v in ps):
+        faults.append(SeriesFault("missing_pixel_spacing", "PixelSpacing not positive", "<=0", ">0"))
+    if len(rows) > 1 or len(cols) > 1:
+        faults.append(SeriesFault("inconsistent_matrix", f"matrix sizes differ between files (rows {sorted(rows)}, "
+                                  f"columns {sorted(cols)})", f"{sorted(rows)}x{sorted(cols)}", "one size"))
+    return faults
+
+
+def _orientation_faults(ps: list[np.ndarray], iop: list[np.ndarray]) -> list[SeriesFault]:
+    """Orientation or pixel spacing (mm) that differ between files; row/column cosines of the
+    first file that are not two orthonormal vectors."""
+    faults: list[SeriesFault] = []
+    ps0, iop0 = ps[0], iop[0]
+    if max(float(np.abs(v - iop0).max()) for v in iop) > 1e-4:
+        dev = max(float(np.abs(v - iop0).max()) for v in iop)
+        faults.append(SeriesFault("inconsistent_orientation", f"ImageOrientationPatient differs between files by up to {dev:.3g}",
+                                  round(dev, 6), 1e-4))
+    if max(float(np.abs(v - ps0).max() / ps0.max()) for v in ps) > 1e-4:
+        faults.append(SeriesFault("inconsistent_pixel_spacing", "PixelSpacing differs between files",
+                                  "/".join(sorted({f"{v[0]:g}x{v[1]:g}" for v in ps})), "one spacing"))
+    row_dir, col_dir = iop0[:3], iop0[3:]
+    if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3 or abs(row_dir @ col_dir) > 1e-3:
+        faults.append(SeriesFault("invalid_orientation", f"ImageOrientationPatient {iop0.tolist()} is not two orthonormal vectors",
+                                  float(row_dir @ col_dir), 1e-3))
+    return faults
+
+
+def _single_slice_step(ds0: Dataset, normal: np.ndarray) -> tuple[float, np.ndarray, str]:
+    """Slice step of a one-slice series, from the header (no second position to measure it).
+
+    Returns:
+        ``(spacing_z, step, z_source)``: spacing in mm, step vector in mm (LPS) along the
+        normal, and the tag it came from (``SpacingBetweenSlices``, ``SliceThickness`` or
+        ``assumed 1 mm``).
+    """
+    thick = _floats([ds0.get("SpacingBetweenSlices")], 1) if ds0.get("SpacingBetweenSlices") else None
+    z_source = "SpacingBetweenSlices"
+    if thick is None:
+        thick = _floats([ds0.get("SliceThickness")], 1) if ds0.get("SliceThickness") else None
+        z_source = "SliceThickness"
+    if thick is None or thick[0] <= 0:
+        thick, z_source = np.array([1.0]), "assumed 1 mm"
+    spacing_z = float(thick[0])
+    return spacing_z, normal * spacing_z, z_source
+
+
+def _spacing_faults(steps: np.ndarray, dist: np.ndarray, spacing_tolerance: float) -> tuple[float, list[SeriesFault]]:
+    """Median slice spacing (mm) and the gaps (missing slices) and uneven steps around it.
+
+    Args:
+        steps: mm between consecutive sorted slices along the normal.
+        dist: sorted slice positions along the normal (mm).
+        spacing_tolerance: largest allowed relative deviation of a step from the median.
+    """
+    faults: list[SeriesFault] = []
+    spacing_z = float(np.median(steps))
+    gaps = np.flatnonzero(steps >= 1.5 * spacing_z)
+    if gaps.size:
+        missing = int(sum(round(steps[g] / spacing_z) - 1 for g in gaps))
+        where_mm = ", ".join(f"{dist[g]:.2f}..{dist[g + 1]:.2f} mm" for g in gaps[:3])
+        faults.append(SeriesFault("missing_slices", f"{missing} slice(s) missing: gap(s) of "
+                                  f"{', '.join(f'{steps[g]:.2f}' for g in gaps[:3])} mm for a {spacing_z:.3f} mm spacing "
+                                  f"at {where_mm} along the normal", missing, 0))
+    rel = np.abs(steps - spacing_z) / spacing_z
+    rel[gaps] = 0.0
+    if rel.max() > spacing_tolerance:
+        k = int(np.argmax(rel))
+        faults.append(SeriesFault("inconsistent_spacing", f"slice step {steps[k]:.3f} mm differs from the median "
+                                  f"{spacing_z:.3f} mm by {100 * rel[k]:.1f} %", round(float(rel.max()), 4),
+                                  spacing_tolerance))
+    return spacing_z, faults
+
+
+def _line_faults(pos: np.ndarray, normal: np.ndarray, line_tolerance_mm: float,
+                 max_tilt_deg: float) -> tuple[np.ndarray, float, list[SeriesFault]]:
+    """Slice step (mm, LPS) and tilt (degrees) of sorted positions; faults for positions off a
+    straight line (more than ``line_tolerance_mm``) and a tilt above ``max_tilt_deg``."""
+    faults: list[SeriesFault] = []
+    step = (pos[-1] - pos[0]) / (len(pos) - 1)
+    # positions must lie on one straight line: otherwise no affine describes the grid
+    u = (pos[-1] - pos[0]) / np.linalg.norm(pos[-1] - pos[0])
+    rel_pos = pos - pos[0]
+    off = float(np.linalg.norm(rel_pos - np.outer(rel_pos @ u, u), axis=1).max())
+    if off > line_tolerance_mm:
+        faults.append(SeriesFault("non_collinear", f"slice positions leave the straight line by up to {off:.3f} mm",
+                                  round(float(off), 4), line_tolerance_mm))
+    cosang = abs(float(step @ normal)) / float(np.linalg.norm(step))
+    tilt = math.degrees(math.acos(min(1.0, cosang)))
+    if tilt > max_tilt_deg:
+        faults.append(SeriesFault("gantry_tilt", f"slices are sheared by {tilt:.2f} deg (gantry tilt); "
+                                  f"not resampled here", round(tilt, 3), max_tilt_deg))
+    return step, tilt, faults
+
+
+def _stack_step(pos: np.ndarray, dist: np.ndarray, normal: np.ndarray, spacing_tolerance: float,
+                line_tolerance_mm: float, max_tilt_deg: float) -> tuple[float, np.ndarray | None, float, list[SeriesFault]]:
+    """Slice spacing (mm), step (mm, LPS) and tilt (degrees) of two or more sorted slices.
+
+    Returns:
+        ``(spacing_z, step, tilt_deg, faults)``; with duplicate positions only that fault
+        (step None): spacing and gaps mean nothing then.
+    """
+    steps = np.diff(dist)
+    dup = int((steps < 1e-3).sum())
+    if dup:
+        return 0.0, None, 0.0, [SeriesFault("duplicate_positions", f"{dup} slice(s) share a position with another slice "
+                                            f"(repeated acquisition or mixed series?)", dup, 0)]
+    spacing_z, faults = _spacing_faults(steps, dist, spacing_tolerance)
+    step, tilt, line = _line_faults(pos, normal, line_tolerance_mm, max_tilt_deg)
+    return spacing_z, step, tilt, faults + line
+
+
 def check_series(datasets: Sequence[Dataset], where: str = "series", *, spacing_tolerance: float = 0.05,
                  max_tilt_deg: float = 0.5, line_tolerance_mm: float = 0.1,
                  require_ct: bool = True) -> tuple[SeriesGeometry | None, list[SeriesFault]]:
@@ -243,58 +389,22 @@ def check_series(datasets: Sequence[Dataset], where: str = "series", *, spacing_
     Returns:
         ``(geometry, faults)``; geometry is None when any fault was found.
     """
-    faults: list[SeriesFault] = []
     n = len(datasets)
     if n == 0:
         return None, [SeriesFault("empty", "no DICOM files", 0, 1)]
-    uids = sorted({str(ds.get("SeriesInstanceUID", "")) for ds in datasets})
-    if len(uids) > 1:
-        faults.append(SeriesFault("mixed_series", f"{len(uids)} different SeriesInstanceUIDs in one series folder "
-                                  f"({', '.join(u or '<none>' for u in uids[:4])}{' ...' if len(uids) > 4 else ''})",
-                                  len(uids), 1))
-    modalities = sorted({str(ds.get("Modality", "")) for ds in datasets})
-    if require_ct and modalities != ["CT"]:
-        faults.append(SeriesFault("modality", f"Modality {modalities}, expected CT", "/".join(modalities), "CT"))
-    frames = [int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets]
-    if max(frames) > 1:
-        faults.append(SeriesFault("multi_frame", f"multi-frame file with {max(frames)} frames (enhanced CT is not supported)",
-                                  max(frames), 1))
-
     ps = [_floats(ds.get("PixelSpacing"), 2) for ds in datasets]
     iop = [_floats(ds.get("ImageOrientationPatient"), 6) for ds in datasets]
     ipp = [_floats(ds.get("ImagePositionPatient"), 3) for ds in datasets]
-    for name, vals in (("PixelSpacing", ps), ("ImageOrientationPatient", iop), ("ImagePositionPatient", ipp)):
-        missing = sum(v is None for v in vals)
-        if missing:
-            check = {"PixelSpacing": "missing_pixel_spacing", "ImageOrientationPatient": "missing_orientation",
-                     "ImagePositionPatient": "missing_position"}[name]
-            faults.append(SeriesFault(check, f"{name} missing or invalid in {missing} of {n} files", missing, 0))
-    if any(v is not None and np.any(v <= 0) for v in ps):
-        faults.append(SeriesFault("missing_pixel_spacing", "PixelSpacing not positive", "<=0", ">0"))
     rows = {int(ds.get("Rows", 0) or 0) for ds in datasets}
     cols = {int(ds.get("Columns", 0) or 0) for ds in datasets}
-    if len(rows) > 1 or len(cols) > 1:
-        faults.append(SeriesFault("inconsistent_matrix", f"matrix sizes differ between files (rows {sorted(rows)}, "
-                                  f"columns {sorted(cols)})", f"{sorted(rows)}x{sorted(cols)}", "one size"))
+    faults = _series_faults(datasets, require_ct) + _attribute_faults(n, ps, iop, ipp, rows, cols)
     if faults:
         return None, faults
-
-    ps0, iop0 = ps[0], iop[0]
-    if max(float(np.abs(v - iop0).max()) for v in iop) > 1e-4:
-        dev = max(float(np.abs(v - iop0).max()) for v in iop)
-        faults.append(SeriesFault("inconsistent_orientation", f"ImageOrientationPatient differs between files by up to {dev:.3g}",
-                                  round(dev, 6), 1e-4))
-    if max(float(np.abs(v - ps0).max() / ps0.max()) for v in ps) > 1e-4:
-        faults.append(SeriesFault("inconsistent_pixel_spacing", "PixelSpacing differs between files",
-                                  "/".join(sorted({f"{v[0]:g}x{v[1]:g}" for v in ps})), "one spacing"))
-    row_dir, col_dir = iop0[:3], iop0[3:]
-    if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3 or abs(row_dir @ col_dir) > 1e-3:
-        faults.append(SeriesFault("invalid_orientation", f"ImageOrientationPatient {iop0.tolist()} is not two orthonormal vectors",
-                                  float(row_dir @ col_dir), 1e-3))
+    faults = _orientation_faults(ps, iop)
     if faults:
         return None, faults
-    row_dir = row_dir / np.linalg.norm(row_dir)
-    col_dir = col_dir / np.linalg.norm(col_dir)
+    row_dir = iop[0][:3] / np.linalg.norm(iop[0][:3])
+    col_dir = iop[0][3:] / np.linalg.norm(iop[0][3:])
     normal = np.cross(row_dir, col_dir)
 
     pos = np.stack(ipp)
@@ -302,59 +412,17 @@ def check_series(datasets: Sequence[Dataset], where: str = "series", *, spacing_
     order = [int(i) for i in np.argsort(dist, kind="stable")]
     pos, dist = pos[order], dist[order]
     nz = len(order)
-    tilt = 0.0
-    z_source = "positions"
+    tilt, z_source = 0.0, "positions"
     if nz == 1:
-        ds0 = datasets[0]
-        thick = _floats([ds0.get("SpacingBetweenSlices")], 1) if ds0.get("SpacingBetweenSlices") else None
-        z_source = "SpacingBetweenSlices"
-        if thick is None:
-            thick = _floats([ds0.get("SliceThickness")], 1) if ds0.get("SliceThickness") else None
-            z_source = "SliceThickness"
-        if thick is None or thick[0] <= 0:
-            thick, z_source = np.array([1.0]), "assumed 1 mm"
-        spacing_z = float(thick[0])
-        step = normal * spacing_z
+        spacing_z, step, z_source = _single_slice_step(datasets[0], normal)
     else:
-        steps = np.diff(dist)
-        dup = int((steps < 1e-3).sum())
-        if dup:
-            faults.append(SeriesFault("duplicate_positions", f"{dup} slice(s) share a position with another slice "
-                                      f"(repeated acquisition or mixed series?)", dup, 0))
-            return None, faults
-        spacing_z = float(np.median(steps))
-        gaps = np.flatnonzero(steps >= 1.5 * spacing_z)
-        if gaps.size:
-            missing = int(sum(round(steps[g] / spacing_z) - 1 for g in gaps))
-            where_mm = ", ".join(f"{dist[g]:.2f}..{dist[g + 1]:.2f} mm" for g in gaps[:3])
-            faults.append(SeriesFault("missing_slices", f"{missing} slice(s) missing: gap(s) of "
-                                      f"{', '.join(f'{steps[g]:.2f}' for g in gaps[:3])} mm for a {spacing_z:.3f} mm spacing "
-                                      f"at {where_mm} along the normal", missing, 0))
-        rel = np.abs(steps - spacing_z) / spacing_z
-        rel[gaps] = 0.0
-        if rel.max() > spacing_tolerance:
-            k = int(np.argmax(rel))
-            faults.append(SeriesFault("inconsistent_spacing", f"slice step {steps[k]:.3f} mm differs from the median "
-                                      f"{spacing_z:.3f} mm by {100 * rel[k]:.1f} %", round(float(rel.max()), 4),
-                                      spacing_tolerance))
-        step = (pos[-1] - pos[0]) / (nz - 1)
-        # positions must lie on one straight line: otherwise no affine describes the grid
-        u = (pos[-1] - pos[0]) / np.linalg.norm(pos[-1] - pos[0])
-        rel_pos = pos - pos[0]
-        off = float(np.linalg.norm(rel_pos - np.outer(rel_pos @ u, u), axis=1).max())
-        if off > line_tolerance_mm:
-            faults.append(SeriesFault("non_collinear", f"slice positions leave the straight line by up to {off:.3f} mm",
-                                      round(float(off), 4), line_tolerance_mm))
-        cosang = abs(float(step @ normal)) / float(np.linalg.norm(step))
-        tilt = math.degrees(math.acos(min(1.0, cosang)))
-        if tilt > max_tilt_deg:
-            faults.append(SeriesFault("gantry_tilt", f"slices are sheared by {tilt:.2f} deg (gantry tilt); "
-                                      f"not resampled here", round(tilt, 3), max_tilt_deg))
+        spacing_z, step, tilt, faults = _stack_step(pos, dist, normal, spacing_tolerance, line_tolerance_mm,
+                                                    max_tilt_deg)
     if faults:
         return None, faults
     lps = np.eye(4)
-    lps[:3, 0] = row_dir * ps0[1]   # column index i moves along the row direction
-    lps[:3, 1] = col_dir * ps0[0]   # row index j moves along the column direction
+    lps[:3, 0] = row_dir * ps[0][1]   # column index i moves along the row direction
+    lps[:3, 1] = col_dir * ps[0][0]   # row index j moves along the column direction
     lps[:3, 2] = step
     lps[:3, 3] = pos[0]
     shape = (int(next(iter(cols))), int(next(iter(rows))), nz)

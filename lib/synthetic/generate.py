@@ -98,95 +98,169 @@ def generate_item(item: dict) -> dict:
     return generate_group([item])[0]
 
 
-def _write_item(item: dict, case, t_gen: float) -> dict:
-    src_root, orc_root = Path(item["sources_root"]), Path(item["oracle_root"])
-    marker = _marker(orc_root, item["item_id"])
-    spec = case.spec
-    src = item["source"]
+@dataclass
+class _WrittenImage:
+    """What writing one source image produced (before the truth is written).
+
+    Attributes:
+        key: the volume's source key (SeriesInstanceUID, or the NIfTI file stem).
+        image_rel: image path relative to the sources root (series folder or NIfTI file).
+        truth_mask: label array on the written image's grid.
+        truth_aff: its voxel -> world matrix (RAS, mm).
+        shape: the written image array's shape.
+        phi: planted identifying values, one dict per value.
+        write_s: wall time of the write in seconds.
+    """
+
+    key: str
+    image_rel: str
+    truth_mask: np.ndarray
+    truth_aff: np.ndarray
+    shape: tuple[int, ...]
+    phi: list[dict]
+    write_s: float
+
+
+def _dicom_tags(item: dict, spec: CaseSpec, thick: float) -> dict:
+    """The DICOM tags of a planned series: the fake identity (less its token) and the series'
+    descriptions, position, dates and ``SliceThickness`` (``thick``, mm)."""
+    ident = item["ident"]
+    tags = {k: v for k, v in ident.items() if k != "token"}
+    tags.update(PatientID=item["patient_id"], StudyDescription=item["study_description"],
+                SeriesDescription=item["series_description"], SeriesNumber=item["series_number"],
+                BodyPartExamined=item["body_part"], PatientPosition=item["patient_position"],
+                SliceThickness=format_ds(thick), SeriesDate=ident["StudyDate"], AcquisitionDate=ident["StudyDate"],
+                ContentDate=ident["StudyDate"], ProtocolName=item["study_description"])
+    if spec.contrast_phase != "native":
+        tags["ContrastBolusAgent"] = "IOHEXOL"
+    return tags
+
+
+def _missing_slice_drop(item: dict, spec: CaseSpec, nz: int) -> tuple[int, ...]:
+    """Slice indices left out of a "missing slices" series (a seeded central run of ~6 % of
+    the ``nz`` slices plus two single slices); none for other series."""
+    if not item.get("missing_slices"):
+        return ()
+    rng = np.random.default_rng([spec.seed, 31])
+    n = max(3, int(round(0.06 * nz)))
+    k0 = nz // 2 - n // 2 + int(rng.integers(-4, 5))
+    extra = [int(x) for x in rng.choice(np.arange(5, nz - 5), 2, replace=False)]
+    return tuple(sorted(set(range(k0, k0 + n)) | set(extra)))
+
+
+def _write_dicom_image(item: dict, case, src_root: Path, thick: float) -> _WrittenImage:
+    """Write a planned COLONOG / HNSCC volume as a DICOM series, with its planted PHI."""
+    spec, src, ident = case.spec, item["source"], item["ident"]
+    pos = item["patient_position"]
+    arr, aff = _dicom_view(case.ct, case.affine, pos)
+    marr, _ = _dicom_view(case.mask, case.affine, pos)
+    study_uid = deterministic_uid("study", item["patient_id"], item["study_folder"], ident["AccessionNumber"])
+    series_uid = deterministic_uid("series", study_uid, item["item_id"], spec.seed, spec.scan_seed)
+    key = series_uid
+    tags = _dicom_tags(item, spec, thick)
+    drop = _missing_slice_drop(item, spec, arr.shape[2])
+    folder = src_root / src / item["patient_id"] / item["study_folder"] / item["series_folder"]
+    t1 = time.perf_counter()
+    write_dicom_series(arr, aff, folder, tags, slice_order=item["slice_order"], drop_slices=drop,
+                       series_uid=series_uid, study_uid=study_uid)
+    t_write = time.perf_counter() - t1
     phi: list[dict] = []
-    thick = spec.slice_thickness_mm or spec.spacing_mm[2]
-    if item["fmt"] == "dicom":
-        ident = item["ident"]
-        pos = item["patient_position"]
-        arr, aff = _dicom_view(case.ct, case.affine, pos)
-        marr, _ = _dicom_view(case.mask, case.affine, pos)
-        study_uid = deterministic_uid("study", item["patient_id"], item["study_folder"], ident["AccessionNumber"])
-        series_uid = deterministic_uid("series", study_uid, item["item_id"], spec.seed, spec.scan_seed)
-        key = series_uid
-        tags = {k: v for k, v in ident.items() if k != "token"}
-        tags.update(PatientID=item["patient_id"], StudyDescription=item["study_description"],
-                    SeriesDescription=item["series_description"], SeriesNumber=item["series_number"],
-                    BodyPartExamined=item["body_part"], PatientPosition=pos, SliceThickness=format_ds(thick),
-                    SeriesDate=ident["StudyDate"], AcquisitionDate=ident["StudyDate"], ContentDate=ident["StudyDate"],
-                    ProtocolName=item["study_description"])
-        if spec.contrast_phase != "native":
-            tags["ContrastBolusAgent"] = "IOHEXOL"
-        drop: tuple[int, ...] = ()
-        nz = arr.shape[2]
-        if item.get("missing_slices"):
-            rng = np.random.default_rng([spec.seed, 31])
-            n = max(3, int(round(0.06 * nz)))
-            k0 = nz // 2 - n // 2 + int(rng.integers(-4, 5))
-            extra = [int(x) for x in rng.choice(np.arange(5, nz - 5), 2, replace=False)]
-            drop = tuple(sorted(set(range(k0, k0 + n)) | set(extra)))
-        folder = src_root / src / item["patient_id"] / item["study_folder"] / item["series_folder"]
-        t1 = time.perf_counter()
-        write_dicom_series(arr, aff, folder, tags, slice_order=item["slice_order"], drop_slices=drop,
-                           series_uid=series_uid, study_uid=study_uid)
-        t_write = time.perf_counter() - t1
-        image_rel = str(folder.relative_to(src_root))
-        truth_mask, truth_aff = marr, aff
-        for kw in PLANTED_PHI_KEYWORDS:
-            if kw in tags:
-                phi.append(dict(source=src, patient_id=item["patient_id"], source_key=key, keyword=kw,
-                                value=str(tags[kw]), token=ident["token"]))
-        phi.append(dict(source=src, patient_id=item["patient_id"], source_key=key, keyword="folder_name",
-                        value=item["study_folder"], token=""))
-        shape = arr.shape
-    else:
-        arr, aff = reorient_array(case.ct, case.affine, item["axcodes"])
-        path = src_root / item["rel_path"]
-        descrip = f"{item['descrip_token']} scan" if item.get("descrip_token") else ""
-        t1 = time.perf_counter()
-        save_volume(arr.astype(np.int16), aff, path, descrip=descrip)
-        key = path.name[: -len(".nii.gz")]
-        truth_mask, _ = reorient_array(case.mask, case.affine, item["axcodes"])
-        truth_aff = aff
-        if item["fmt"] == "verse":
-            sub, stem = item["subject"], item["stem"]
-            der = src_root / "VerSe" / "derivatives" / sub
-            m_aff, m_shape, m_arr = case.affine, case.mask.shape, case.mask
-            if item.get("mask_zoom"):
-                zf = np.asarray(item["mask_zoom"], float)
-                m_aff = case.affine @ np.diag([*zf, 1.0])
-                m_shape = tuple(int(round(n / z)) for n, z in zip(case.mask.shape, zf, strict=True))
-                m_arr = resample_labels_to(case.mask, case.affine, m_shape, m_aff)
-            m_out, m_out_aff = reorient_array(m_arr, m_aff, item["axcodes"])
-            save_volume(m_out.astype(np.uint8), m_out_aff, der / f"{stem}_seg-vert_msk.nii.gz")
-            write_verse_centroids(der / f"{stem}_seg-subreg_ctd.json", case.centroids, aff, arr.shape)
-        t_write = time.perf_counter() - t1
-        image_rel = item["rel_path"]
-        if item.get("descrip_token"):
-            phi.append(dict(source=src, patient_id=item["patient_id"], source_key=key, keyword="nifti_descrip",
-                            value=descrip, token=item["descrip_token"]))
-        shape = arr.shape
-    mpath, cpath = write_truth(orc_root, src, key, truth_mask, truth_aff, case.centroids)
-    sp = spec.spacing_mm
-    row = dict(
-        source=src, patient_id=item["patient_id"], source_key=key, series_description=item.get("series_description", ""),
+    for kw in PLANTED_PHI_KEYWORDS:
+        if kw in tags:
+            phi.append(dict(source=src, patient_id=item["patient_id"], source_key=key, keyword=kw,
+                            value=str(tags[kw]), token=ident["token"]))
+    phi.append(dict(source=src, patient_id=item["patient_id"], source_key=key, keyword="folder_name",
+                    value=item["study_folder"], token=""))
+    return _WrittenImage(key, str(folder.relative_to(src_root)), marr, aff, arr.shape, phi, t_write)
+
+
+def _write_verse_derivatives(item: dict, case, src_root: Path, aff: np.ndarray, shape: tuple[int, ...]) -> None:
+    """Write a VerSe scan's mask (on another grid when ``mask_zoom``) and centroid file.
+
+    Args:
+        item: the planned VerSe item.
+        case: the rendered case (CT, mask, affine, centroids).
+        src_root: the sources root.
+        aff: voxel -> world (RAS, mm) of the written CT.
+        shape: the written CT array's shape.
+    """
+    sub, stem = item["subject"], item["stem"]
+    der = src_root / "VerSe" / "derivatives" / sub
+    m_aff, m_shape, m_arr = case.affine, case.mask.shape, case.mask
+    if item.get("mask_zoom"):
+        zf = np.asarray(item["mask_zoom"], float)
+        m_aff = case.affine @ np.diag([*zf, 1.0])
+        m_shape = tuple(int(round(n / z)) for n, z in zip(case.mask.shape, zf, strict=True))
+        m_arr = resample_labels_to(case.mask, case.affine, m_shape, m_aff)
+    m_out, m_out_aff = reorient_array(m_arr, m_aff, item["axcodes"])
+    save_volume(m_out.astype(np.uint8), m_out_aff, der / f"{stem}_seg-vert_msk.nii.gz")
+    write_verse_centroids(der / f"{stem}_seg-subreg_ctd.json", case.centroids, aff, shape)
+
+
+def _write_nifti_image(item: dict, case, src_root: Path) -> _WrittenImage:
+    """Write a planned MSD / COVID-19 / VerSe volume as NIfTI in its planned orientation (VerSe
+    with its derivatives), with the planted ``descrip`` token if any."""
+    arr, aff = reorient_array(case.ct, case.affine, item["axcodes"])
+    path = src_root / item["rel_path"]
+    descrip = f"{item['descrip_token']} scan" if item.get("descrip_token") else ""
+    t1 = time.perf_counter()
+    save_volume(arr.astype(np.int16), aff, path, descrip=descrip)
+    key = path.name[: -len(".nii.gz")]
+    truth_mask, _ = reorient_array(case.mask, case.affine, item["axcodes"])
+    if item["fmt"] == "verse":
+        _write_verse_derivatives(item, case, src_root, aff, arr.shape)
+    t_write = time.perf_counter() - t1
+    phi: list[dict] = []
+    if item.get("descrip_token"):
+        phi.append(dict(source=item["source"], patient_id=item["patient_id"], source_key=key, keyword="nifti_descrip",
+                        value=descrip, token=item["descrip_token"]))
+    return _WrittenImage(key, item["rel_path"], truth_mask, aff, arr.shape, phi, t_write)
+
+
+def _index_row(item: dict, case, img: _WrittenImage, thick: float, mpath: Path, cpath: Path,
+               orc_root: Path) -> dict:
+    """The oracle index row of one written volume (spacings and thickness in mm)."""
+    spec, sp = case.spec, case.spec.spacing_mm
+    return dict(
+        source=item["source"], patient_id=item["patient_id"], source_key=img.key,
+        series_description=item.get("series_description", ""),
         time_point=item.get("time_point", ""), n_thoracic=spec.n_thoracic, n_lumbar=spec.n_lumbar,
         variant=item["variant"], sacralization=spec.sacralization, fov=spec.fov, spacing_x_mm=sp[0],
-        spacing_y_mm=sp[1], spacing_z_mm=sp[2], slice_thickness_mm=thick, shape="x".join(str(n) for n in shape),
+        spacing_y_mm=sp[1], spacing_z_mm=sp[2], slice_thickness_mm=thick, shape="x".join(str(n) for n in img.shape),
         quality=item["quality"], quality_reason=item["quality_reason"], metal=spec.metal,
         contrast_phase=spec.contrast_phase, labels=" ".join(str(v) for v in sorted(case.centroids)),
         seed=spec.seed, scan_seed=spec.scan_seed, mask_path=str(mpath.relative_to(orc_root)),
-        centroids_path=str(cpath.relative_to(orc_root)), image_path=image_rel)
-    timing = dict(item_id=item["item_id"], source=src, voxels=int(np.prod(shape)), generate_s=0.0, write_s=0.0)
-    done = dict(row=row, phi=phi, timing=timing)
+        centroids_path=str(cpath.relative_to(orc_root)), image_path=img.image_rel)
+
+
+def _write_item(item: dict, case, t_gen: float) -> dict:
+    """Write one rendered volume in its source format, its truth and its completion marker.
+
+    Args:
+        item: the planned item (with ``sources_root`` and ``oracle_root``).
+        case: the rendered case.
+        t_gen: rendering wall time per volume in seconds.
+
+    Returns:
+        ``{"row", "phi", "timing", "skipped"}`` (timing in seconds).
+    """
+    src_root, orc_root = Path(item["sources_root"]), Path(item["oracle_root"])
+    marker = _marker(orc_root, item["item_id"])
+    spec = case.spec
+    thick = spec.slice_thickness_mm or spec.spacing_mm[2]
+    if item["fmt"] == "dicom":
+        img = _write_dicom_image(item, case, src_root, thick)
+    else:
+        img = _write_nifti_image(item, case, src_root)
+    mpath, cpath = write_truth(orc_root, item["source"], img.key, img.truth_mask, img.truth_aff, case.centroids)
+    row = _index_row(item, case, img, thick, mpath, cpath, orc_root)
+    timing = dict(item_id=item["item_id"], source=item["source"], voxels=int(np.prod(img.shape)),
+                  generate_s=0.0, write_s=0.0)
+    done = dict(row=row, phi=img.phi, timing=timing)
     # the marker holds no wall times, so the oracle folder is byte-identical for a seed
     with atomic_path(marker) as tmp:
         tmp.write_text(json.dumps(done, sort_keys=True))
-    done = dict(done, timing=dict(timing, generate_s=round(t_gen, 3), write_s=round(t_write, 3)), skipped=False)
+    done = dict(done, timing=dict(timing, generate_s=round(t_gen, 3), write_s=round(img.write_s, 3)), skipped=False)
     return done
 
 

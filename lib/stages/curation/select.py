@@ -103,6 +103,83 @@ class SelectionResult:
                                            "fallbacks", "reason"])
 
 
+def _group_by_patient(cands: Sequence[Candidate], notes: list[str]) -> dict[tuple[str, str], list[Candidate]]:
+    """``{(source, patient): candidates}`` of the selectable series: unreadable first files are
+    noted in ``notes`` and skipped, non-CT DICOM series skipped."""
+    by_patient: dict[tuple[str, str], list[Candidate]] = defaultdict(list)
+    for c in cands:
+        if c._error:
+            notes.append(f"{c.source}/{c.patient}: series {c.source_key}: first file unreadable as DICOM; skipped")
+            continue
+        if c.kind == "dicom" and c.modality != "CT":
+            continue
+        by_patient[(c.source, c.patient)].append(c)
+    return by_patient
+
+
+def _select_colonog(patient: str, cs: list[Candidate], cfg: CurationConfig) -> Selection:
+    """One COLONOG position by a seeded random choice (seed, patient); the others as fallbacks."""
+    cs = sorted(cs, key=lambda c: (c.position, c.source_key))
+    order = stable_rng(cfg.seed, "position", patient, nbytes=6).permutation(len(cs))
+    ranked = [cs[i] for i in order]
+    positions = sorted({c.position for c in cs})
+    reason = f"seeded random choice among {len(cs)} series ({'/'.join(positions)})"
+    return Selection(ranked[0], reason, ranked[1:] if cfg.fallback_series else [])
+
+
+def _select_hnscc(patient: str, cs: list[Candidate], cfg: CurationConfig, notes: list[str]) -> Selection:
+    """The HNSCC time point ``cfg.hnscc_time_point`` in study-date order (clamped, with a note);
+    the other time points as fallbacks, nearest first; per time point the largest series."""
+    studies: dict[str, list[Candidate]] = defaultdict(list)
+    for c in cs:
+        studies[c.study_key].append(c)
+    ordered = sorted(studies.values(), key=lambda g: (g[0]._order, g[0]._study_folder, g[0].study_key))
+    n = len(ordered)
+    want = cfg.hnscc_time_point if cfg.hnscc_time_point >= 0 else n + cfg.hnscc_time_point
+    idx = min(max(want, 0), n - 1)
+    if idx != want:
+        notes.append(f"HNSCC/{patient}: time point {cfg.hnscc_time_point} not available ({n} time points); used {idx}")
+    rank = sorted(range(n), key=lambda i: (abs(i - idx), i))
+    series = [max(ordered[i], key=lambda c: (c.n_files, c.source_key)) for i in rank]
+    return Selection(series[0], f"time point {idx} of {n} by study date",
+                     series[1:] if cfg.fallback_series else [], str(idx))
+
+
+def _select_patient(src: str, patient: str, cs: list[Candidate], cfg: CurationConfig,
+                    table_rows: dict[str, tuple[str, str, str]], notes: list[str]) -> list[Selection]:
+    """The selection(s) of one patient: its ``Path.csv`` row when it matches a series, else the
+    source's rule (NIfTI sources: every volume, the subset comes later)."""
+    if src in DICOM_SOURCES and patient in table_rows:
+        hit = _match_path_row(table_rows[patient], cs)
+        if hit is not None:
+            return [Selection(hit, "Path.csv row", [], "")]
+        notes.append(f"{src}/{patient}: the Path.csv row matches no series on disk; seeded choice used instead")
+    if src == "COLONOG":
+        return [_select_colonog(patient, cs, cfg)]
+    if src == "HNSCC":
+        return [_select_hnscc(patient, cs, cfg, notes)]
+    return [Selection(c, "all volumes of the source", []) for c in sorted(cs, key=lambda c: c.source_key)]
+
+
+def _apply_subsets(selections: list[Selection], cfg: CurationConfig, dropped: list[dict]) -> list[Selection]:
+    """Keep a seeded subset of ``cfg.subset_sizes[source]`` volumes per NIfTI source (0 = all);
+    the others go to ``dropped`` with the reason."""
+    for src in NIFTI_SOURCES:
+        k = int(cfg.subset_sizes.get(src, 0) or 0)
+        group = [s for s in selections if s.candidate.source == src]
+        if k and len(group) > k:
+            rng = stable_rng(cfg.seed, "subset", src, nbytes=6)
+            keep_idx = set(rng.choice(len(group), size=k, replace=False).tolist())
+            for i, s in enumerate(group):
+                if i in keep_idx:
+                    s.reason = f"seeded subset ({k} of {len(group)})"
+                else:
+                    dropped.append({"release_id": s.release_id, "source": src, "reason": f"not in the seeded subset of {k}"})
+            drop_ids = {group[i].release_id for i in range(len(group)) if i not in keep_idx}
+            selections = [s for s in selections if not (s.candidate.source == src and s.release_id in drop_ids)]
+    return selections
+
+
 def select_series(cands: Sequence[Candidate], cfg: CurationConfig,
                   listed_ids: Iterable[str] | None = None) -> SelectionResult:
     """Choose one series per patient as the paper did.
@@ -124,61 +201,13 @@ def select_series(cands: Sequence[Candidate], cfg: CurationConfig,
         for row in read_path_table(cfg.path_csv):
             table_rows[row[0]] = row
     listed = {strip_nifti_suffix(i) for i in listed_ids} if listed_ids is not None else None
-    by_patient: dict[tuple[str, str], list[Candidate]] = defaultdict(list)
-    for c in cands:
-        if c._error:
-            notes.append(f"{c.source}/{c.patient}: series {c.source_key}: first file unreadable as DICOM; skipped")
-            continue
-        if c.kind == "dicom" and c.modality != "CT":
-            continue
-        by_patient[(c.source, c.patient)].append(c)
+    by_patient = _group_by_patient(cands, notes)
     selections: list[Selection] = []
     for (src, patient), cs in sorted(by_patient.items()):
         rid = release_id_for(src, patient)
         if listed is not None and rid not in listed:
             dropped.append({"release_id": rid, "source": src, "reason": "not listed in the split file"})
             continue
-        if src in DICOM_SOURCES and patient in table_rows:
-            hit = _match_path_row(table_rows[patient], cs)
-            if hit is not None:
-                selections.append(Selection(hit, "Path.csv row", [], ""))
-                continue
-            notes.append(f"{src}/{patient}: the Path.csv row matches no series on disk; seeded choice used instead")
-        if src == "COLONOG":
-            cs = sorted(cs, key=lambda c: (c.position, c.source_key))
-            order = stable_rng(cfg.seed, "position", patient, nbytes=6).permutation(len(cs))
-            ranked = [cs[i] for i in order]
-            positions = sorted({c.position for c in cs})
-            reason = f"seeded random choice among {len(cs)} series ({'/'.join(positions)})"
-            selections.append(Selection(ranked[0], reason, ranked[1:] if cfg.fallback_series else []))
-        elif src == "HNSCC":
-            studies: dict[str, list[Candidate]] = defaultdict(list)
-            for c in cs:
-                studies[c.study_key].append(c)
-            ordered = sorted(studies.values(), key=lambda g: (g[0]._order, g[0]._study_folder, g[0].study_key))
-            n = len(ordered)
-            want = cfg.hnscc_time_point if cfg.hnscc_time_point >= 0 else n + cfg.hnscc_time_point
-            idx = min(max(want, 0), n - 1)
-            if idx != want:
-                notes.append(f"HNSCC/{patient}: time point {cfg.hnscc_time_point} not available ({n} time points); used {idx}")
-            rank = sorted(range(n), key=lambda i: (abs(i - idx), i))
-            series = [max(ordered[i], key=lambda c: (c.n_files, c.source_key)) for i in rank]
-            selections.append(Selection(series[0], f"time point {idx} of {n} by study date",
-                                        series[1:] if cfg.fallback_series else [], str(idx)))
-        else:
-            for c in sorted(cs, key=lambda c: c.source_key):
-                selections.append(Selection(c, "all volumes of the source", []))
-    for src in NIFTI_SOURCES:
-        k = int(cfg.subset_sizes.get(src, 0) or 0)
-        group = [s for s in selections if s.candidate.source == src]
-        if k and len(group) > k:
-            rng = stable_rng(cfg.seed, "subset", src, nbytes=6)
-            keep_idx = set(rng.choice(len(group), size=k, replace=False).tolist())
-            for i, s in enumerate(group):
-                if i in keep_idx:
-                    s.reason = f"seeded subset ({k} of {len(group)})"
-                else:
-                    dropped.append({"release_id": s.release_id, "source": src, "reason": f"not in the seeded subset of {k}"})
-            drop_ids = {group[i].release_id for i in range(len(group)) if i not in keep_idx}
-            selections = [s for s in selections if not (s.candidate.source == src and s.release_id in drop_ids)]
+        selections += _select_patient(src, patient, cs, cfg, table_rows, notes)
+    selections = _apply_subsets(selections, cfg, dropped)
     return SelectionResult(selections, notes, dropped)
