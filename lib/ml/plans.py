@@ -192,6 +192,13 @@ def validate_plan(plan: Plan) -> None:
     Raises:
         ValueError: naming the field at fault.
     """
+    _check_labels_and_combine(plan)
+    _check_stage_order(plan)
+    _check_stage_shapes(plan)
+
+
+def _check_labels_and_combine(plan: Plan) -> None:
+    """Profile kind, combine mode, labels, and the stage tasks the combine mode needs."""
     if plan.profile_kind not in PROFILE_KINDS:
         raise ValueError(f"plan.profile_kind {plan.profile_kind!r} not in {PROFILE_KINDS}")
     if plan.combine not in COMBINES:
@@ -207,6 +214,10 @@ def validate_plan(plan: Plan) -> None:
             raise ValueError(f"combine 'label_transfer' needs one labels/levels stage and a final foreground stage, got {tasks}")
     elif tasks[-1] != "labels" or tasks.count("labels") != 1:
         raise ValueError(f"combine 'single' needs one labels stage, the last one, got {tasks}")
+
+
+def _check_stage_order(plan: Plan) -> None:
+    """Distinct stage names; regions of interest and the inference gate from earlier, spine-output stages."""
     names = [s.name for s in plan.stages]
     if len(set(names)) != len(names):
         raise ValueError(f"stage names must be distinct, got {names}")
@@ -218,6 +229,10 @@ def validate_plan(plan: Plan) -> None:
     gate = (plan.inference.get("gate") or {}).get("stage")
     if gate is not None and (gate not in names or plan.stage(gate).task != "foreground"):
         raise ValueError(f"plan.inference['gate']['stage'] = {gate!r} is not a foreground stage of the plan")
+
+
+def _check_stage_shapes(plan: Plan) -> None:
+    """Every stage's task, and network levels that match each other and divide the patch."""
     for st in plan.stages:
         if st.task not in TASKS:
             raise ValueError(f"stage {st.name}: task {st.task!r} not in {TASKS}")

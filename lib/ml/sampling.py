@@ -54,57 +54,13 @@ def extract_patch(image: np.ndarray, seg: np.ndarray | None, centre: Sequence[fl
         z coordinate (voxels, float32) of every patch voxel.
     """
     patch = [int(p) for p in patch]
-    z_src = None
     vlo = [0, 0, 0] if valid_box is None else [max(int(v), 0) for v in valid_box[0]]
     vhi = list(image.shape) if valid_box is None else [min(int(v), n) for v, n in zip(valid_box[1], image.shape, strict=True)]
     if matrix is None:
-        start = [int(round(c - p / 2)) for c, p in zip(centre, patch, strict=True)]
-        img_p = np.full(patch, fill, dtype=np.float32)
-        seg_p = np.zeros(patch, dtype=np.uint8) if seg is not None else None
-        src, dst = [], []
-        for a in range(3):
-            s0, s1 = max(start[a], vlo[a]), min(start[a] + patch[a], vhi[a])
-            if s1 <= s0:
-                src = None
-                break
-            src.append(slice(s0, s1))
-            dst.append(slice(s0 - start[a], s1 - start[a]))
-        if src is not None:
-            img_p[tuple(dst)] = image[tuple(src)]
-            if seg is not None:
-                seg_p[tuple(dst)] = seg[tuple(src)]
-        if return_z:
-            z_src = np.broadcast_to(np.arange(start[2], start[2] + patch[2], dtype=np.float32), patch)
+        img_p, seg_p, z_src = _crop(image, seg, centre, patch, fill, vlo, vhi, return_z)
     else:
-        sp = np.asarray(spacing, dtype=np.float64)
-        grids = [(np.arange(p, dtype=np.float64) - (p - 1) / 2) * s for p, s in zip(patch, sp, strict=True)]
-        off = np.stack(np.meshgrid(*grids, indexing="ij"), axis=0).reshape(3, -1)  # mm offsets
-        src_vox = (matrix @ off) / sp[:, None] + np.asarray(centre, dtype=np.float64)[:, None]
-        if return_z:
-            z_src = src_vox[2].reshape(patch).astype(np.float32)
-        lo = np.maximum(np.floor(src_vox.min(axis=1)).astype(int) - 1, vlo)
-        hi = np.minimum(np.ceil(src_vox.max(axis=1)).astype(int) + 2, vhi)
-        if np.any(hi <= lo):
-            img_p = np.full(patch, fill, dtype=np.float32)
-            seg_p = np.zeros(patch, dtype=np.uint8) if seg is not None else None
-        else:
-            box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-            local = src_vox - lo[:, None]
-            img_c = np.asarray(image[box], dtype=np.float32)
-            img_p = ndimage.map_coordinates(img_c, local, order=1, mode="constant", cval=fill,
-                                            prefilter=False).reshape(patch).astype(np.float32)
-            seg_p = None
-            if seg is not None:
-                seg_c = np.asarray(seg[box])
-                seg_p = ndimage.map_coordinates(seg_c.astype(np.float32) if seg_order else seg_c, local,
-                                                order=seg_order, mode="constant", cval=0, prefilter=False)
-                seg_p = np.rint(seg_p).reshape(patch).astype(np.uint8)
-            if valid_box is not None:
-                outside = np.any((src_vox < np.asarray(vlo)[:, None] - 0.5) | (src_vox > np.asarray(vhi)[:, None] - 0.5),
-                                 axis=0).reshape(patch)
-                img_p[outside] = fill
-                if seg_p is not None:
-                    seg_p[outside] = 0
+        img_p, seg_p, z_src = _resample(image, seg, centre, patch, spacing, fill, matrix, (vlo, vhi),
+                                        valid_box is not None, return_z, seg_order)
     if flip_lr:
         img_p = np.ascontiguousarray(img_p[::-1])
         if seg_p is not None:
@@ -114,6 +70,79 @@ def extract_patch(image: np.ndarray, seg: np.ndarray | None, centre: Sequence[fl
     if return_z:
         return img_p, seg_p, z_src
     return img_p, seg_p
+
+
+def _crop(image: np.ndarray, seg: np.ndarray | None, centre: Sequence[float], patch: list[int], fill: float,
+          vlo: list[int], vhi: list[int], return_z: bool):
+    """:func:`extract_patch` without a matrix: a plain crop of the voxels inside ``vlo..vhi``.
+
+    Returns:
+        ``(image patch float32, seg patch uint8 or None, source z (voxels) per patch voxel or None)``.
+    """
+    start = [int(round(c - p / 2)) for c, p in zip(centre, patch, strict=True)]
+    img_p = np.full(patch, fill, dtype=np.float32)
+    seg_p = np.zeros(patch, dtype=np.uint8) if seg is not None else None
+    src, dst = [], []
+    for a in range(3):
+        s0, s1 = max(start[a], vlo[a]), min(start[a] + patch[a], vhi[a])
+        if s1 <= s0:
+            src = None
+            break
+        src.append(slice(s0, s1))
+        dst.append(slice(s0 - start[a], s1 - start[a]))
+    if src is not None:
+        img_p[tuple(dst)] = image[tuple(src)]
+        if seg is not None:
+            seg_p[tuple(dst)] = seg[tuple(src)]
+    z_src = None
+    if return_z:
+        z_src = np.broadcast_to(np.arange(start[2], start[2] + patch[2], dtype=np.float32), patch)
+    return img_p, seg_p, z_src
+
+
+def _resample(image: np.ndarray, seg: np.ndarray | None, centre: Sequence[float], patch: list[int],
+              spacing: Sequence[float], fill: float, matrix: np.ndarray, valid: tuple[list[int], list[int]],
+              blank_outside: bool, return_z: bool, seg_order: int):
+    """:func:`extract_patch` with a matrix: the patch interpolated from the source voxels.
+
+    Args:
+        valid: ``(lo, hi)`` voxels of ``image`` the patch may read.
+        blank_outside: patch voxels whose source lies outside ``valid`` become ``fill`` / background.
+        image, seg, centre, patch, spacing, fill, matrix, return_z, seg_order: as in :func:`extract_patch`.
+
+    Returns:
+        ``(image patch float32, seg patch uint8 or None, source z (voxels) per patch voxel or None)``.
+    """
+    vlo, vhi = valid
+    sp = np.asarray(spacing, dtype=np.float64)
+    grids = [(np.arange(p, dtype=np.float64) - (p - 1) / 2) * s for p, s in zip(patch, sp, strict=True)]
+    off = np.stack(np.meshgrid(*grids, indexing="ij"), axis=0).reshape(3, -1)  # mm offsets
+    src_vox = (matrix @ off) / sp[:, None] + np.asarray(centre, dtype=np.float64)[:, None]
+    z_src = src_vox[2].reshape(patch).astype(np.float32) if return_z else None
+    lo = np.maximum(np.floor(src_vox.min(axis=1)).astype(int) - 1, vlo)
+    hi = np.minimum(np.ceil(src_vox.max(axis=1)).astype(int) + 2, vhi)
+    if np.any(hi <= lo):
+        img_p = np.full(patch, fill, dtype=np.float32)
+        seg_p = np.zeros(patch, dtype=np.uint8) if seg is not None else None
+        return img_p, seg_p, z_src
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    local = src_vox - lo[:, None]
+    img_c = np.asarray(image[box], dtype=np.float32)
+    img_p = ndimage.map_coordinates(img_c, local, order=1, mode="constant", cval=fill,
+                                    prefilter=False).reshape(patch).astype(np.float32)
+    seg_p = None
+    if seg is not None:
+        seg_c = np.asarray(seg[box])
+        seg_p = ndimage.map_coordinates(seg_c.astype(np.float32) if seg_order else seg_c, local,
+                                        order=seg_order, mode="constant", cval=0, prefilter=False)
+        seg_p = np.rint(seg_p).reshape(patch).astype(np.uint8)
+    if blank_outside:
+        outside = np.any((src_vox < np.asarray(vlo)[:, None] - 0.5) | (src_vox > np.asarray(vhi)[:, None] - 0.5),
+                         axis=0).reshape(patch)
+        img_p[outside] = fill
+        if seg_p is not None:
+            seg_p[outside] = 0
+    return img_p, seg_p, z_src
 
 
 class PatchSampler:
