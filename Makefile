@@ -46,8 +46,8 @@ test-all: $(STAMP) ## Full test suite including `slow` tests (DDP, browser, pape
 bench: $(STAMP) ## Benchmarks: NIfTI loading, phantom, evaluation, conversion, model (ratios vs competitors)
 	@for f in bench/bench_*.py; do echo "=== $$f"; $(PY) $$f $(BENCH_ARGS) || exit 1; done
 
-lint: $(STAMP) ## ruff on lib, tests, bench and notebooks
-	$(VENV)/bin/ruff check lib tests bench notebooks
+lint: $(STAMP) ## ruff on lib, tests, bench, notebooks and tools
+	$(VENV)/bin/ruff check lib tests bench notebooks tools
 
 clean: ## Remove run outputs (runs/) and caches; never data/ sources
 	rm -rf runs .pytest_cache .ruff_cache

@@ -18,7 +18,7 @@ Configurations (each changes one thing against ``final``, the 02_pretraining def
   time 8 mm gets 65 (shares 0.06/0.29/0.65 of 100).
 * ``fine3mm``: the fine stage on a 3 mm grid (partial volume blurs the surface).
 * ``short_fine``: 19 fine epochs instead of 58 (locate and coarse as long).
-* ``no_necks``: no :func:`lib.infer.split_at_necks`.
+* ``no_necks``: no :func:`lib.imaging.instances.split_at_necks`.
 * ``fov_crop``: ``p_fov_crop`` 0.3 (random craniocaudal crops of the whole-spine stage).
 """
 

@@ -1,9 +1,9 @@
 """Benchmark: DICOM series -> NIfTI, correctness and time per series, three converters.
 
-Converters compared on series written by ``lib.sources.write_dicom_series`` (so the true
+Converters compared on series written by ``lib.io.dicom_write.write_dicom_series`` (so the true
 affine is known exactly):
 
-* ``lib.dicom`` (pydicom-based, what the curation stage uses);
+* ``lib.io.dicom_read`` (pydicom-based, what the curation stage uses);
 * SimpleITK ``ImageSeriesReader`` (GDCM sorting by position), written with ``sitk.WriteImage``;
 * ``dcm2niix`` (the PyPI package's binary, ``-z y``), when installed.
 
@@ -121,7 +121,7 @@ def conv_sitk(folder: Path, out: Path) -> tuple[Path | None, str]:
 
 
 def conv_sitk_libwrite(folder: Path, out: Path) -> tuple[Path | None, str]:
-    """SimpleITK reading, the same NIfTI writer as lib.dicom (isolates the reading cost)."""
+    """SimpleITK reading, the same NIfTI writer (lib.io.nifti) (isolates the reading cost)."""
     import SimpleITK as sitk
 
     img, note = _sitk_read(folder)
@@ -161,7 +161,7 @@ def conv_dcm2niix(folder: Path, out: Path) -> tuple[Path | None, str]:
     return outs[0], msg
 
 
-CONVERTERS = {"lib.dicom (pydicom)": conv_lib, "SimpleITK ImageSeriesReader": conv_sitk,
+CONVERTERS = {"lib.io.dicom_read (pydicom)": conv_lib, "SimpleITK ImageSeriesReader": conv_sitk,
               "SimpleITK read + lib.io write": conv_sitk_libwrite}
 if _dcm2niix_bin():
     CONVERTERS["dcm2niix"] = conv_dcm2niix
@@ -204,10 +204,10 @@ def main() -> None:
                     out.mkdir(parents=True)
                     path, note = conv(folder, out)
                     if path is None:
-                        print(f"  {gname:9s} {order:10s} {cname:28s} FAILED {note[:80]}")
+                        print(f"  {gname:9s} {order:10s} {cname:32s} FAILED {note[:80]}")
                         continue
                     same, err = _compare(path, small, aff)
-                    print(f"  {gname:9s} {order:10s} {cname:28s} {str(same):5s} {err:.2e} {note[:60]}")
+                    print(f"  {gname:9s} {order:10s} {cname:32s} {str(same):5s} {err:.2e} {note[:60]}")
         print("\nfault detection (refused or warned = detected):")
         aff = _affines()["axial"]
         faulty = {}
@@ -234,7 +234,7 @@ def main() -> None:
                 out.mkdir(parents=True)
                 path, note = conv(folder, out)
                 detected = path is None or bool(note)
-                print(f"  {fname:18s} {cname:28s} {'detected' if detected else 'SILENT'}: "
+                print(f"  {fname:18s} {cname:32s} {'detected' if detected else 'SILENT'}: "
                       f"{(note or 'converted')[:90]}")
 
         print(f"\ntime per axial series {n_xy}x{n_xy}x{nz} (median of {args.repeat}, incl. .nii.gz write):")
@@ -252,9 +252,9 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
                 shutil.rmtree(out)
             results[cname] = statistics.median(times)
-        ref = results["lib.dicom (pydicom)"]
+        ref = results["lib.io.dicom_read (pydicom)"]
         for cname, t in results.items():
-            print(f"  {cname:28s} {t:7.2f} s  ({t / nz * 1000:.1f} ms/slice, {t / ref:.2f}x lib.dicom)")
+            print(f"  {cname:32s} {t:7.2f} s  ({t / nz * 1000:.1f} ms/slice, {t / ref:.2f}x lib.io.dicom_read)")
 
 
 if __name__ == "__main__":

@@ -84,12 +84,12 @@ def build_truth(shape, spacing, n_labels: int = 25, seed: int = 0) -> np.ndarray
         j0 = int(max(np.floor((ccy - rc - 6 - 30 * size[i]) / sy), 0))
         j1 = int(min(np.ceil((cy + ry + 2) / sy), ny))
         k0, k1 = int(max(np.ceil(zb / sz), 0)), int(min(np.floor(zt / sz), nz))
-        X, Y = np.meshgrid(np.arange(i0, i1) * sx, np.arange(j0, j1) * sy, indexing="ij")
-        body = ((X - cx) / rx) ** 2 + ((Y - cy) / ry) ** 2 <= 1
-        r = np.hypot(X - cx, Y - ccy)
-        arch = (r >= rc) & (r <= rc + 3.5 + 1.5 * size[i]) & (Y <= ccy + 0.6 * rc)
-        spinous = (np.abs(X - cx) <= 2.5) & (Y <= ccy - rc) & (Y >= ccy - rc - 4 - 30 * size[i])
-        transverse = (np.abs(Y - ccy) <= 3) & (np.abs(X - cx) >= rc) & (np.abs(X - cx) <= rc + 4 + 18 * size[i])
+        gx, gy = np.meshgrid(np.arange(i0, i1) * sx, np.arange(j0, j1) * sy, indexing="ij")
+        body = ((gx - cx) / rx) ** 2 + ((gy - cy) / ry) ** 2 <= 1
+        r = np.hypot(gx - cx, gy - ccy)
+        arch = (r >= rc) & (r <= rc + 3.5 + 1.5 * size[i]) & (gy <= ccy + 0.6 * rc)
+        spinous = (np.abs(gx - cx) <= 2.5) & (gy <= ccy - rc) & (gy >= ccy - rc - 4 - 30 * size[i])
+        transverse = (np.abs(gy - ccy) <= 3) & (np.abs(gx - cx) >= rc) & (np.abs(gx - cx) <= rc + 4 + 18 * size[i])
         zrel = (np.arange(k0, k1) * sz - zb) / (zt - zb)
         m = np.broadcast_to(body[:, :, None], (i1 - i0, j1 - j0, k1 - k0)).copy()
         m |= (arch | transverse)[:, :, None] & (zrel > 0.25)[None, None, :]

@@ -7,11 +7,11 @@ Measured in one run, on the CPU (and on the GPU when one is available):
 * training step time (forward + DiceCE/levels loss + backward + optimiser, batch of the plan)
   of every stage of the synthetic cascade and of the paper-size 3d_fullres network
   (nnU-Net's 128^3 class patch, filters 32..320; ``--quick`` uses a 64^3 patch on the CPU);
-* inference throughput in voxels per second of ``lib.infer.sliding_window`` (Gaussian weighting,
+* inference throughput in voxels per second of ``lib.ml.sliding_window.sliding_window`` (Gaussian weighting,
   slab-wise argmax, bounded memory) against MONAI's ``sliding_window_inference`` (the named
   competitor: same network, same windows, full-volume output buffer), and the resulting
   seconds per 512 x 512 x 500 volume (extrapolated on the CPU, measured on a GPU);
-* the whole synthetic cascade (``lib.infer.predict_volume``) on a synthetic whole-spine scan
+* the whole synthetic cascade (``lib.ml.inference.predict_volume``) on a synthetic whole-spine scan
   (120 x 120 x 390 voxels at 2 mm, like the synthetic VerSe), seconds per case; with random
   weights the spine search covers the whole field of view (the worst case), so pass
   ``--model runs/synthetic/02_pretraining/models --image <a VerSe CT>`` for a trained model.
@@ -145,16 +145,13 @@ def bench_device(dev, quick: bool) -> None:
     shown = p_patch or paper.stages[0].patch_size
     print(f"  paper     3d_fullres patch {shown} x2: {t:.3f} s/step"
           + (f" (x{np.prod(paper.stages[0].patch_size) / np.prod(p_patch):.1f} voxels at full patch)" if p_patch else ""))
-    print("\nsliding-window inference (voxels/s), lib.infer vs MONAI sliding_window_inference:")
+    print("\nsliding-window inference (voxels/s), lib.ml.inference vs MONAI sliding_window_inference:")
     vol_syn = (40, 48, 160)
     ours, theirs = time_sliding_window(syn, "fine", vol_syn, dev)
     n = np.prod(vol_syn)
     print(f"  synthetic fine {vol_syn}: ours {n / ours / 1e6:.2f} Mvox/s, MONAI {n / theirs / 1e6:.2f} Mvox/s "
           f"(ratio {theirs / ours:.2f})")
-    if dev.type == "cuda":
-        vol_p = (512, 512, 500)
-    else:
-        vol_p = (96, 128, 160) if quick else (192, 256, 240)
+    vol_p = (512, 512, 500) if dev.type == "cuda" else (96, 128, 160) if quick else (192, 256, 240)
     ours, theirs = time_sliding_window(paper, "3d_fullres", vol_p, dev)
     n = np.prod(vol_p)
     per_vol = (512 * 512 * 500) / (n / ours)

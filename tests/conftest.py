@@ -21,7 +21,6 @@ def isolated_roots(tmp_path, monkeypatch):
     """Point SPINE1K_DATA / SPINE1K_RUNS at tmp folders for every test."""
     monkeypatch.setenv("SPINE1K_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("SPINE1K_RUNS", str(tmp_path / "runs"))
-    yield
 
 
 @pytest.fixture

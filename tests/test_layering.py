@@ -96,6 +96,44 @@ def resolve(target: str, names: list[str], modules: set[str]) -> list[str]:
     return found or [target]
 
 
+def _placement_problems(mod: str, target: str, top_level: bool, node, path: Path, where: str) -> list[str]:
+    """torch / MONAI only in lib.ml and at module top; function-level imports only for optional
+    heavy dependencies, with a comment."""
+    problems = []
+    root = target.split(".")[0]
+    if root in TORCH_ROOTS and not mod.startswith("lib.ml"):
+        problems.append(f"{where}: {mod} imports {target} (torch / MONAI only in lib.ml)")
+    if root in TORCH_ROOTS and mod.startswith("lib.ml") and not top_level:
+        problems.append(f"{where}: {mod} imports {target} inside a function (torch at module top)")
+    if not top_level:
+        line_text = "".join(path.read_text().splitlines()[node.lineno - 1:node.end_lineno])
+        if root == "lib":
+            problems.append(f"{where}: function-level import of {target} (import lib modules at the top)")
+        elif root not in OPTIONAL_AT_CALL:
+            problems.append(f"{where}: function-level import of {target}, not an optional heavy dependency")
+        elif "#" not in line_text:
+            problems.append(f"{where}: function-level import of {target} without a comment saying why")
+    return problems
+
+
+def _edge_problems(mod: str, me: tuple, target: str, names: list[str], modules: set[str],
+                   where: str) -> list[str]:
+    """Layer order, stages never importing each other, the context importing no stage."""
+    problems = []
+    for dep in resolve(target, names, modules):
+        other = layer_of(dep)
+        if other is None or dep == mod:
+            continue
+        if other[0] != me[0] and other[1] >= me[1]:
+            problems.append(f"{where}: {mod} (layer {me[0]}) imports {dep} (layer {other[0]})")
+        s_me, s_dep = stage_of(mod), stage_of(dep)
+        if s_me and s_dep and s_me != s_dep:
+            problems.append(f"{where}: stage {s_me} imports stage {s_dep} (stages never import each other)")
+        if mod.startswith("lib.stages.context") and s_dep:
+            problems.append(f"{where}: the shared stage context imports stage {s_dep}")
+    return problems
+
+
 def check_layers(parsed: dict) -> list[str]:
     """Every import that breaks the layering rules, with file and line."""
     problems = []
@@ -104,37 +142,12 @@ def check_layers(parsed: dict) -> list[str]:
         me = layer_of(mod)
         for target, line, top_level, node, names in imports_of(mod, tree, path.name == "__init__.py"):
             where = f"{rel}:{line}"
-            root = target.split(".")[0]
-            if root in TORCH_ROOTS and not mod.startswith("lib.ml"):
-                problems.append(f"{where}: {mod} imports {target} (torch / MONAI only in lib.ml)")
-            if root in TORCH_ROOTS and mod.startswith("lib.ml") and not top_level:
-                problems.append(f"{where}: {mod} imports {target} inside a function (torch at module top)")
-            if not top_level:
-                line_text = "".join(path.read_text().splitlines()[line - 1:node.end_lineno])
-                if root == "lib":
-                    problems.append(f"{where}: function-level import of {target} (import lib modules at the top)")
-                elif root not in OPTIONAL_AT_CALL:
-                    problems.append(f"{where}: function-level import of {target}, not an optional heavy dependency")
-                elif "#" not in line_text:
-                    problems.append(f"{where}: function-level import of {target} without a comment saying why")
-            if root != "lib" or me is None:
-                continue
-            for dep in resolve(target, names, modules):
-                other = layer_of(dep)
-                if other is None or dep == mod:
-                    continue
-                same_package = other[0] == me[0]
-                if not same_package and other[1] >= me[1]:
-                    problems.append(f"{where}: {mod} (layer {me[0]}) imports {dep} (layer {other[0]})")
-                s_me, s_dep = stage_of(mod), stage_of(dep)
-                if s_me and s_dep and s_me != s_dep:
-                    problems.append(f"{where}: stage {s_me} imports stage {s_dep} (stages never import each other)")
-                if mod.startswith("lib.stages.context") and s_dep:
-                    problems.append(f"{where}: the shared stage context imports stage {s_dep}")
+            problems += _placement_problems(mod, target, top_level, node, path, where)
+            if target.split(".")[0] == "lib" and me is not None:
+                problems += _edge_problems(mod, me, target, names, modules, where)
             if isinstance(node, ast.ImportFrom):
-                for n in names:
-                    if n.startswith("_") and not n.startswith("__"):
-                        problems.append(f"{where}: {mod} imports the private name {n} from {target}")
+                problems += [f"{where}: {mod} imports the private name {n} from {target}"
+                             for n in names if n.startswith("_") and not n.startswith("__")]
     return problems
 
 
@@ -293,7 +306,8 @@ def test_a_planted_upward_import_fails(tmp_path):
     parsed_ = _plant(tmp_path, {"lib/core/labels.py": "from lib.io.nifti import load_volume\n",
                                 "lib/io/nifti.py": "def load_volume(): ...\n"})
     problems = check_layers(parsed_)
-    assert len(problems) == 1 and "lib.core.labels (layer core) imports lib.io.nifti (layer io)" in problems[0]
+    assert len(problems) == 1
+    assert "lib.core.labels (layer core) imports lib.io.nifti (layer io)" in problems[0]
 
 
 def test_planted_sideways_stage_torch_private_and_function_level_imports_fail(tmp_path):

@@ -30,14 +30,16 @@ def test_environment_yml_installs_pyproject():
     # no conda package duplicates (and could contradict) a pyproject pin
     names = {re.split(r"[<>=\[ ]", d)[0].lower() for d in _pyproject()["project"]["dependencies"]}
     conda_names = {re.split(r"[<>=]", d)[0].lower() for d in deps if isinstance(d, str)}
-    assert conda_names <= {"python", "pip"} and not (conda_names & names)
+    assert conda_names <= {"python", "pip"}
+    assert not (conda_names & names)
 
 
 def test_pins_the_issue_requires():
     deps = _pyproject()["project"]["dependencies"]
     assert "torch==2.13.0" in [d.split("#")[0].strip() for d in deps]
     extras = _pyproject()["project"]["optional-dependencies"]
-    assert "itkwidgets[all]==1.0a55" in extras["preview"] and "ngff-zarr==0.32.2" in extras["preview"]
+    assert "itkwidgets[all]==1.0a55" in extras["preview"]
+    assert "ngff-zarr==0.32.2" in extras["preview"]
     assert any(d.startswith("pydantic>=2") for d in deps)
 
 
@@ -59,7 +61,9 @@ def test_notebooks_committed_clean_with_parameters_cell():
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), nb_path.name
         assert sum("parameters" in c.get("metadata", {}).get("tags", []) for c in code) == 1, nb_path.name
         src = "".join("".join(c["source"]) for c in code)
-        assert "!pip" not in src and '"cuda"' not in src and "'cuda'" not in src, nb_path.name
+        assert "!pip" not in src, nb_path.name
+        assert '"cuda"' not in src, nb_path.name
+        assert "'cuda'" not in src, nb_path.name
 
 
 def test_make_help_lists_every_target():
@@ -70,10 +74,12 @@ def test_make_help_lists_every_target():
         assert t in public
     for t in public:
         line = next((ln for ln in out.splitlines() if re.search(rf"\b{re.escape(t)}\b", ln)), None)
-        assert line is not None and len(line.split()) > 2, f"make help does not describe {t}"
+        assert line is not None, f"make help does not list {t}"
+        assert len(line.split()) > 2, f"make help does not describe {t}"
 
 
 def test_ci_calls_the_readme_test_command():
     assert "make test" in (REPO_ROOT / ".ci" / "run").read_text()
     readme = (REPO_ROOT / "README.md").read_text()
-    assert "make test" in readme and "make reproduce" in readme
+    assert "make test" in readme
+    assert "make reproduce" in readme

@@ -178,7 +178,7 @@ def run(profile: str = "synthetic", force: bool = False, stages_spec: str | None
             write_text(stamp, json.dumps({"fingerprint": fp, "status": "failed", "seconds": secs}) + "\n")
             msg = (f"{head} FAILED after {secs:.0f} s in cell {exc.exec_count} "
                    f"(executed notebook: {out_nb}):\n{exc.ename}: {exc.evalue}\n--- cell source ---\n{exc.source}")
-            raise StageFailed(msg) from None
+            raise StageFailedError(msg) from None
         secs = time.perf_counter() - t0
         write_text(stamp, json.dumps({"fingerprint": fp, "status": "ok", "seconds": round(secs, 2),
                                       "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
@@ -198,7 +198,7 @@ def _known_stages() -> set[str]:
     return set(STAGES)
 
 
-class StageFailed(RuntimeError):
+class StageFailedError(RuntimeError):
     """A notebook raised; the message has the stage, the cell and the error."""
 
 
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         run(args.profile, force=args.force, stages_spec=args.stages)
-    except (StageFailed, _params.ParamsError) as exc:
+    except (StageFailedError, _params.ParamsError) as exc:
         print(str(exc), file=sys.stderr)
         return 1
     return 0

@@ -34,7 +34,7 @@ class CaseFailure:
         return f"{self.case_id}: {self.message}"
 
 
-class CaseErrors(RuntimeError):
+class CaseFailuresError(RuntimeError):
     """Raised by ``on_error="raise"`` after the map with every failure listed."""
 
     def __init__(self, failures: list[CaseFailure]):
@@ -97,7 +97,7 @@ def map_cases(fn: Callable[[Any], Any], cases: Iterable[Any], *, ids: Iterable[H
         scheduler: address of a Dask distributed scheduler (``tcp://127.0.0.1:8786``);
             when given, work goes there and ``workers`` is ignored.
         on_error: ``"collect"`` records failures and goes on; ``"raise"`` also goes on, then
-            raises :class:`CaseErrors` listing every failure.
+            raises :class:`CaseFailuresError` listing every failure.
         desc: progress bar label.
         progress: show a tqdm progress bar.
 
@@ -143,7 +143,7 @@ def map_cases(fn: Callable[[Any], Any], cases: Iterable[Any], *, ids: Iterable[H
         else:
             result.failures.append(CaseFailure(key, str(val).strip()))
     if result.failures and on_error == "raise":
-        raise CaseErrors(result.failures)
+        raise CaseFailuresError(result.failures)
     return result
 
 

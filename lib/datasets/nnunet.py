@@ -19,7 +19,7 @@ def export_nnunet(release_dir: str | Path, out_dir: str | Path, dataset_id: int 
     ``<out_dir>/DatasetNNN_<name>/imagesTr/<ID>_0000.nii.gz`` + ``labelsTr/<ID>.nii.gz`` for
     every trainset case with a mask (``gt/<ID>_seg.nii.gz``), ``imagesTs/<ID>_0000.nii.gz``
     for the test splits, and ``dataset.json`` (``channel_names`` CT, ``labels`` background
-    plus C1..L6 from :mod:`lib.labels`, ``numTraining``, ``file_ending``). Files are hard
+    plus C1..L6 from :mod:`lib.core.labels`, ``numTraining``, ``file_ending``). Files are hard
     links where possible (else copies), written atomically; re-running skips what is there.
     Trainset cases without a mask, or whose mask fails :func:`lib.io.check_pair`, are
     skipped and listed in ``skipped.txt``; files of cases no longer in a split are removed.

@@ -59,7 +59,7 @@ def inspect_verse_case(item: dict[str, Any]) -> dict[str, Any]:
     A scan is used when (1) image and mask are readable, share shape, spacing and affine, and
     hold only vertebra labels (:func:`lib.io.check_pair`), and (2) its field of view is
     complete: the labelled spine runs from C1 down to the last lumbar vertebra without a gap
-    (``lib.labels.ordered``; the variants T11 (no T12), T13, L4 last and L6 allowed), no labelled voxel lies within
+    (``lib.core.labels.ordered``; the variants T11 (no T12), T13, L4 last and L6 allowed), no labelled voxel lies within
     ``border_mm`` of any face of the volume (the spine is not cut, neither in z nor in-plane),
     and at least ``end_margin_mm`` of image lie above C1 and below the last vertebra (skull
     base and sacrum are in view). ``item`` may set ``border_mm`` (default 4) and
@@ -199,7 +199,7 @@ def read_verse_centroids(path: Path, affine: np.ndarray, shape: Sequence[int]) -
         raise ValueError(f"{path}: no 'direction' entry")
     ornt_img = orientations.io_orientation(affine)
     tr = orientations.ornt_transform(ornt_img, orientations.axcodes2ornt(tuple(dirs[0])))
-    A = np.asarray(affine, float)
+    aff = np.asarray(affine, float)
     out: dict[int, tuple[float, float, float]] = {}
     for d in data:
         if "direction" in d:
@@ -215,7 +215,7 @@ def read_verse_centroids(path: Path, affine: np.ndarray, shape: Sequence[int]) -
         for i in range(3):
             j, flip = int(tr[i, 0]), tr[i, 1]
             vox[i] = coords[j] if flip > 0 else (shape[i] - 1) - coords[j]
-        w = A @ np.array([*vox, 1.0])
+        w = aff @ np.array([*vox, 1.0])
         out[lab] = (float(w[0]), float(w[1]), float(w[2]))
     return out
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lib import metrics
 from lib.core import labels as lab
-from lib.core.parallel import CaseErrors
+from lib.core.parallel import CaseFailuresError
 from lib.evaluation.folders import (
     PER_CASE_CSV,
     SUMMARY_JSON,
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        nsd_tolerance_mm=args.nsd_tolerance_mm, missing=args.missing,
                                        on_error="collect", set_name=args.set_name,
                                        progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, CaseErrors) as exc:
+    except (ValueError, FileNotFoundError, CaseFailuresError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     mov, mos = summary["mean_of_vertebrae"], summary["mean_of_spine"]

@@ -36,7 +36,7 @@ import pandas as pd
 
 from lib import metrics
 from lib.core import labels as lab
-from lib.core.parallel import CaseErrors, map_cases
+from lib.core.parallel import CaseFailuresError, map_cases
 from lib.evaluation.summary import json_ready, summarise
 from lib.evaluation.table2 import build_table2, table2_markdown
 from lib.io import NIFTI_SUFFIXES, load_volume, strip_nifti_suffix, write_text
@@ -175,7 +175,7 @@ def evaluate_pair(case_id: str, gt_path: str | Path, pred_path: str | Path | Non
 
 
 def _evaluate_task(task: dict) -> list[dict]:
-    """Module-level worker for :func:`lib.parallel.map_cases` (picklable)."""
+    """Module-level worker for :func:`lib.core.parallel.map_cases` (picklable)."""
     return evaluate_pair(task["case_id"], task["gt"], task["pred"], labels=task["labels"],
                          hd95=task["hd95"], nsd_tolerance_mm=task["nsd_tolerance_mm"],
                          missing=task["missing"])
@@ -198,7 +198,7 @@ def evaluate_pairs(pairs: Sequence[tuple[str, str | Path, str | Path | None]],
         scheduler: Dask distributed scheduler address; overrides ``workers``.
         missing: ``"empty"`` (score a missing prediction as empty) or ``"exclude"`` (list and
             count it only).
-        on_error: ``"raise"`` raises :class:`lib.parallel.CaseErrors` listing every failed case
+        on_error: ``"raise"`` raises :class:`lib.core.parallel.CaseFailuresError` listing every failed case
             after all ran; ``"collect"`` lists them in ``summary["failed_cases"]``.
         progress: show a progress bar.
 
@@ -216,7 +216,7 @@ def evaluate_pairs(pairs: Sequence[tuple[str, str | Path, str | Path | None]],
     res = map_cases(_evaluate_task, tasks, ids=[t["case_id"] for t in tasks], workers=workers,
                     scheduler=scheduler, on_error="collect", desc="evaluate", progress=progress)
     if res.failures and on_error == "raise":
-        raise CaseErrors(res.failures)
+        raise CaseFailuresError(res.failures)
     rows = [r for t in tasks for r in res.values.get(t["case_id"], [])]
     df = pd.DataFrame(rows, columns=_ROW_COLUMNS)
     missing_ids = [t["case_id"] for t in tasks if t["pred"] is None or not Path(t["pred"]).exists()]

@@ -61,17 +61,17 @@ def resample_labels_to(labels: np.ndarray, affine: np.ndarray, shape: tuple[int,
     Exact copy (with axis permutation/flip) when the grids coincide within ``atol_mm``.
     """
     labels = np.asarray(labels)
-    A, B = np.asarray(affine, float), np.asarray(target_affine, float)
+    src_aff, dst_aff = np.asarray(affine, float), np.asarray(target_affine, float)
     # same grid up to permutation/flip?
-    ornt_a = orientations.io_orientation(A)
-    ornt_b = orientations.io_orientation(B)
+    ornt_a = orientations.io_orientation(src_aff)
+    ornt_b = orientations.io_orientation(dst_aff)
     tr = orientations.ornt_transform(ornt_a, ornt_b)
     moved = orientations.apply_orientation(labels, tr)
-    moved_aff = A @ orientations.inv_ornt_aff(tr, labels.shape)
-    if moved.shape == tuple(shape) and np.allclose(moved_aff, B, atol=atol_mm):
+    moved_aff = src_aff @ orientations.inv_ornt_aff(tr, labels.shape)
+    if moved.shape == tuple(shape) and np.allclose(moved_aff, dst_aff, atol=atol_mm):
         return np.ascontiguousarray(moved, dtype=np.uint8)
     # general case: nearest truth voxel of each target voxel centre
-    return resample_nearest(labels.astype(np.uint8, copy=False), A, tuple(shape), B)
+    return resample_nearest(labels.astype(np.uint8, copy=False), src_aff, tuple(shape), dst_aff)
 
 
 def resampled_shape(shape: Sequence[int], spacing: Sequence[float], new_spacing: Sequence[float]) -> tuple[int, ...]:

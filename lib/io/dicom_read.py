@@ -564,11 +564,11 @@ def read_series_sitk(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     reader.SetFileNames(names)
     img = reader.Execute()
     arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)
-    D = np.array(img.GetDirection(), float).reshape(3, 3)
-    M = np.eye(4)
-    M[:3, :3] = D * np.array(img.GetSpacing(), float)
-    M[:3, 3] = img.GetOrigin()
-    return arr.astype(np.float32), np.diag([-1.0, -1.0, 1.0, 1.0]) @ M
+    direction = np.array(img.GetDirection(), float).reshape(3, 3)
+    lps_affine = np.eye(4)
+    lps_affine[:3, :3] = direction * np.array(img.GetSpacing(), float)
+    lps_affine[:3, 3] = img.GetOrigin()
+    return arr.astype(np.float32), np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps_affine
 
 
 def read_source_volume(sources_root: Path, image_path: str):

@@ -50,7 +50,7 @@ def _source_stamp(path: str | Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class CacheJob:
-    """One case to cache for some stages (picklable for :func:`lib.parallel.map_cases`)."""
+    """One case to cache for some stages (picklable for :func:`lib.core.parallel.map_cases`)."""
 
     case_id: str
     image_path: str
@@ -163,7 +163,7 @@ def build_caches(cases: Sequence[Sequence[str]], plan: Plan, stages: Sequence[st
         ``{stage: (folder, metas)}``: each stage's cache folder and per-case metadata (input order).
 
     Raises:
-        lib.parallel.CaseErrors: listing every case that could not be preprocessed.
+        lib.core.parallel.CaseFailuresError: listing every case that could not be preprocessed.
     """
     stages = list(stages)
     folders = tuple(str(Path(cache_dir) / _stage_key(plan, plan.stage(s))) for s in stages)
@@ -181,8 +181,8 @@ def build_cache(cases: Sequence[Sequence[str]], plan: Plan, stage: str, cache_di
 
 
 @dataclass
-class CachedCase:
-    """A cached case opened read-only (memory-mapped)."""
+class CachedArrays:
+    """The preprocessed arrays of one case for one stage, opened read-only (memory-mapped)."""
 
     case_id: str
     image: np.ndarray  # float16 (x, y, z), normalised
@@ -192,11 +192,11 @@ class CachedCase:
     roi: list[list[int]] | None = None  # labelled bounding box [lo, hi) (ROI stages)
 
 
-def open_cache(folder: Path, metas: Sequence[dict[str, Any]]) -> list[CachedCase]:
+def open_cache(folder: Path, metas: Sequence[dict[str, Any]]) -> list[CachedArrays]:
     """Memory-map the cached arrays of ``metas``."""
     out = []
     for m in metas:
-        out.append(CachedCase(m["case_id"], np.load(folder / m["image"], mmap_mode="r"),
-                              np.load(folder / m["seg"], mmap_mode="r"), np.load(folder / m["fg"]),
-                              list(m["classes"]), m.get("roi")))
+        out.append(CachedArrays(m["case_id"], np.load(folder / m["image"], mmap_mode="r"),
+                                np.load(folder / m["seg"], mmap_mode="r"), np.load(folder / m["fg"]),
+                                list(m["classes"]), m.get("roi")))
     return out

@@ -22,7 +22,7 @@ from lib.ml.trainer import TrainResult, train
 
 def write_job(path: str | Path, cases: Sequence[Sequence[str]], out_dir: str | Path, plan: Plan | None = None,
               **kwargs: Any) -> Path:
-    """Write a JSON job file for ``python -m lib.ml.ddp --job FILE`` / ``torchrun ... -m lib.train``.
+    """Write a JSON job file for ``python -m lib.ml.ddp --job FILE`` / ``torchrun ... -m lib.ml.ddp``.
 
     ``kwargs`` are :func:`train` keyword arguments (JSON-serialisable values).
     """
@@ -44,15 +44,14 @@ def run_job(path: str | Path) -> TrainResult:
 def main(argv: Iterable[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lib.ml.ddp",
                                  description="Train from a job file; multi-GPU: torchrun --nproc_per_node N -m lib.ml.ddp --job FILE")
-    ap.add_argument("--job", required=True, help="JSON job file written by lib.train.write_job")
+    ap.add_argument("--job", required=True, help="JSON job file written by lib.ml.ddp.write_job")
     args = ap.parse_args(list(argv) if argv is not None else None)
     res = run_job(args.job)
     rank, world, _ = dist_info()
     if rank == 0:
         print(json.dumps(res.to_json()))
-    if world > 1:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

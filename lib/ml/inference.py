@@ -4,7 +4,7 @@ Typical use::
 
     from lib.ml import inference
     inference.predict_case(model_dir, "case.nii.gz", "case_seg.nii.gz")            # one case
-    res = inference.predict_cases(model_dir, [(cid, img, out), ...], workers=2)   # lib.parallel
+    res = inference.predict_cases(model_dir, [(cid, img, out), ...], workers=2)   # lib.core.parallel
     res = inference.predict_folder(model_dir, in_dir, out_dir)                     # every *.nii.gz
 
 What a prediction is:
@@ -362,7 +362,7 @@ def run_predict_job(job: PredictJob) -> str:
 def predict_cases(model_dir: str | Path, items: Iterable[Sequence[str]], *, workers: int | None = 0,
                   scheduler: str | None = None, tta: bool = False, overwrite: bool = False, device: str = "auto",
                   num_threads: int | None = None, on_error: str = "collect", progress: bool = True):
-    """Predict many cases through :func:`lib.parallel.map_cases`.
+    """Predict many cases through :func:`lib.core.parallel.map_cases`.
 
     Args:
         model_dir: trained model folder.
@@ -377,7 +377,7 @@ def predict_cases(model_dir: str | Path, items: Iterable[Sequence[str]], *, work
         progress: progress bar.
 
     Returns:
-        ``lib.parallel.MapResult``: ``values`` {case_id: output path}, ``failures``.
+        ``lib.core.parallel.MapResult``: ``values`` {case_id: output path}, ``failures``.
     """
     items = [tuple(str(x) for x in it) for it in items]
     threads = num_threads if num_threads is not None else (1 if (workers or scheduler) else 0)

@@ -96,7 +96,7 @@ def extract_fingerprint(cases: Iterable[Sequence[str]], workers: int | None = 0)
 
     Args:
         cases: training cases; images are CT in HU, masks integer label maps on the same grid.
-        workers: processes for :func:`lib.parallel.map_cases` (0 = this process).
+        workers: processes for :func:`lib.core.parallel.map_cases` (0 = this process).
 
     Returns:
         JSON-ready dict: ``n_cases``, ``spacings_mm`` and ``shapes`` per case (RAS axis order),
@@ -269,7 +269,7 @@ def default_augmentation(profile_kind: str) -> dict[str, Any]:
     intensity statistics; every step counts on a CPU) and keeps the spatial ones.
 
     ``p_fov_crop`` (off by default) crops the whole-spine stage's region along z in that share
-    of its patches (:func:`lib.train.crop_region_z`), for models that must label neck-only,
+    of its patches (:func:`lib.ml.sampling.crop_region_z`), for models that must label neck-only,
     chest-only and abdomen-only scans from complete ones. Measured on the synthetic profile
     (20 complete training scans, 29 coarse epochs): at 0.3 the held-out complete scans' mean
     vertebra Dice fell from 0.79 to 0.41 and cropped VerSe scans stayed at 0.00 -- counting
@@ -300,7 +300,7 @@ def default_inference(profile_kind: str) -> dict[str, Any]:
     if profile_kind == "synthetic":
         out["window_scale"] = {"fine": 3.0}  # one window over the located spine: no overlap work on CPUs
         out["spine_threshold"] = 0.5  # fine spine probability, interpolated to the image grid
-        out["split_necks"] = 0.3  # label boundaries moved to the mask's necks (lib.infer.split_at_necks)
+        out["split_necks"] = 0.3  # label boundaries moved to the mask's necks (lib.imaging.instances.split_at_necks)
         # fine spine voxels must lie where the whole-FOV locate network sees spine (>= 0.1 after
         # trilinear interpolation): drops skull base, sacrum and rib look-alikes far from the spine
         out["gate"] = {"stage": "locate", "threshold": 0.1}
@@ -343,7 +343,7 @@ def plan_experiment(source: dict[str, Any] | Iterable[Sequence[str]], profile_ki
             ``fine`` (binary spine on the target spacing around the coarse spine); labels reach
             the fine spine by interpolating the coarse probabilities (``label_transfer``).
         labels: label values to predict (default: those found in the masks after ``label_map``,
-            else :data:`lib.labels.VERSE_LABELS`).
+            else :data:`lib.core.labels.VERSE_LABELS`).
         label_map: mask value -> training value (e.g. ``{28: 0}``); applied before training.
         target_spacing_mm: override the fullres/fine spacing (RAS order, mm).
         coarse_spacing_mm: isotropic spacing of the synthetic ``coarse`` stage (mm).

@@ -61,7 +61,7 @@ class StagePlan:
         budget_share: fraction of the training budget (epochs and time) this stage gets.
         soft_targets: ``foreground`` stages only: train on the spine fraction of each voxel
             (partial volume) instead of the majority label; for the stage whose probability
-            becomes the final spine mask on a finer grid (see :data:`lib.train.SOFT_MAX`).
+            becomes the final spine mask on a finer grid (see :data:`lib.ml.preprocessing.SOFT_MAX`).
         z_coord: a second input channel holds the craniocaudal position within the region the
             stage sees (-1 at its inferior end, +1 at its superior end): a region cue that lets a
             small network tell levels apart long before it has learned to count them.
@@ -115,7 +115,7 @@ class Plan:
         training: optimiser and schedule (``optimizer``, ``lr``, ``momentum``, ``weight_decay``,
             ``poly_exponent``, ``max_epochs``, ``iterations_per_epoch``, ``amp``, ``num_workers``,
             ``val_patches``).
-        augmentation: default augmentation (see :data:`lib.train.DEFAULT_AUGMENT`).
+        augmentation: default augmentation (see :func:`lib.ml.planning.default_augmentation`).
         inference: sliding-window ``overlap``, ``gaussian_sigma_scale``, ``tta_axes`` (mirror axes
             for test-time augmentation: 0 = left-right only), ``postprocess``.
         fingerprint: the dataset fingerprint summary the plan came from (no per-case samples).
@@ -147,7 +147,7 @@ class Plan:
 
     def level_ladder(self) -> list[int]:
         """The labels a ``levels`` stage counts, craniocaudally: the plan's labels on whole
-        levels (:func:`lib.labels.level_index`), i.e. without T13.
+        levels (:func:`lib.core.labels.level_index`), i.e. without T13.
 
         A count from the top cannot name T13: in a normal spine L1 follows T12 one level down,
         in a T13 spine two. With T13 on the ladder, a normal spine's L1 had to jump two rungs

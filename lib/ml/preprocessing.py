@@ -34,7 +34,7 @@ def pad_value(normalization: dict[str, Any]) -> float:
 
 def label_lookup(plan: Plan, task: str) -> np.ndarray:
     """uint8 lookup (256 entries) from mask values to class indices; 255 marks unknown values.
-    ``levels``: rungs of :meth:`lib.model.Plan.level_ladder` (0 for labels off the ladder)."""
+    ``levels``: rungs of :meth:`lib.ml.plans.Plan.level_ladder` (0 for labels off the ladder)."""
     lut = np.full(256, 255, dtype=np.uint8)
     lut[0] = 0
     ladder = plan.level_ladder() if task == "levels" else None

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from lib.ml.augmentation import augment_intensity
-from lib.ml.cache import CachedCase
+from lib.ml.cache import CachedArrays
 from lib.ml.plans import Plan, StagePlan
 from lib.ml.preprocessing import pad_value
 
@@ -152,7 +152,7 @@ class PatchSampler:
     call gives the same patch in any process, after any resume, for any number of DDP ranks.
     """
 
-    def __init__(self, cases: list[CachedCase], stage: StagePlan, plan: Plan, augment: dict[str, Any] | None,
+    def __init__(self, cases: list[CachedArrays], stage: StagePlan, plan: Plan, augment: dict[str, Any] | None,
                  seed: int, stage_index: int):
         if not cases:
             raise ValueError("PatchSampler: no cases")
@@ -161,7 +161,7 @@ class PatchSampler:
         self.seed, self.stage_index = int(seed), int(stage_index)
         self.fill = pad_value(plan.normalization)
 
-    def _region(self, case: CachedCase, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+    def _region(self, case: CachedArrays, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
         """Jittered region of interest ``(lo, hi)`` in voxels for ROI stages, else None."""
         if self.stage.roi_from is None or case.roi is None:
             return None
@@ -172,7 +172,7 @@ class PatchSampler:
         hi = hi_b + self.stage.roi_margin_mm / sp + rng.uniform(-j, j)
         return np.floor(lo).astype(int), np.ceil(hi).astype(int)
 
-    def _centre(self, case: CachedCase, rng: np.random.Generator, region) -> np.ndarray:
+    def _centre(self, case: CachedArrays, rng: np.random.Generator, region) -> np.ndarray:
         shape = np.asarray(case.image.shape, dtype=np.float64)
         patch = np.asarray(self.stage.patch_size, dtype=np.float64)
         if self.stage.whole_volume and region is not None:

@@ -62,7 +62,7 @@ def sliding_window(net, image: np.ndarray, patch: Sequence[int], n_classes: int,
         amp: float16 autocast on CUDA.
         activation: ``"softmax"`` over channels, or ``"sigmoid"`` per channel (``levels`` stages).
         z_coord: add the craniocaudal coordinate channel (-1..1 over the image's z extent, see
-            :func:`lib.train.z_channel`) as the network's second input.
+            :func:`lib.ml.sampling.z_channel`) as the network's second input.
 
     Returns:
         ``{"windows": int, "max_buffer_z": int, "buffer_dtype": str}`` (for tests and benchmarks).
@@ -77,15 +77,15 @@ def sliding_window(net, image: np.ndarray, patch: Sequence[int], n_classes: int,
         img[off[0]:off[0] + shape[0], off[1]:off[1] + shape[1], off[2]:off[2] + shape[2]] = image
     else:
         img = np.asarray(image, dtype=np.float32)
-    X, Y, Z = (int(v) for v in padded)
-    zc = z_channel(np.arange(Z) - off[2], 0, int(shape[2])) if z_coord else None
+    nx, ny, nz = (int(v) for v in padded)
+    zc = z_channel(np.arange(nz) - off[2], 0, int(shape[2])) if z_coord else None
     starts = [window_starts(int(padded[a]), patch[a], overlap) for a in range(3)]
     weight = torch.from_numpy(gaussian_importance(patch, sigma_scale)).to(device)
-    est_bytes = n_classes * X * Y * (patch[2] * 2) * 4
+    est_bytes = n_classes * nx * ny * (patch[2] * 2) * 4
     acc_dtype = torch.float16 if est_bytes > FLOAT16_ABOVE_BYTES else torch.float32
     buf_lo = 0
-    acc = torch.zeros((n_classes, X, Y, 0), dtype=acc_dtype, device=device)
-    wsum = torch.zeros((X, Y, 0), dtype=torch.float32, device=device)
+    acc = torch.zeros((n_classes, nx, ny, 0), dtype=acc_dtype, device=device)
+    wsum = torch.zeros((nx, ny, 0), dtype=torch.float32, device=device)
     use_amp = amp and getattr(device, "type", str(device)) == "cuda"
     if activation == "softmax":
         def act(t):
@@ -102,8 +102,8 @@ def sliding_window(net, image: np.ndarray, patch: Sequence[int], n_classes: int,
         cur_hi = buf_lo + acc.shape[3]
         if need_hi > cur_hi:
             extra = need_hi - cur_hi
-            acc = torch.cat([acc, torch.zeros((n_classes, X, Y, extra), dtype=acc_dtype, device=device)], dim=3)
-            wsum = torch.cat([wsum, torch.zeros((X, Y, extra), dtype=torch.float32, device=device)], dim=2)
+            acc = torch.cat([acc, torch.zeros((n_classes, nx, ny, extra), dtype=acc_dtype, device=device)], dim=3)
+            wsum = torch.cat([wsum, torch.zeros((nx, ny, extra), dtype=torch.float32, device=device)], dim=2)
         max_buf = max(max_buf, acc.shape[3])
         for x0, y0 in itertools.product(starts[0], starts[1]):
             tile = img[x0:x0 + patch[0], y0:y0 + patch[1], z0:z0 + patch[2]]

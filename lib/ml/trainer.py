@@ -5,7 +5,7 @@ Typical use (a notebook or a later stage)::
     from lib.ml import planning, trainer
     plan = planning.plan_experiment(cases, "synthetic")           # or model.load_plan(prev_dir)
     res = trainer.train(cases, out_dir, plan, max_epochs=40, time_budget_s=200, seed=0)
-    res.model_dir            # model.pt + plan.json, read by lib.infer
+    res.model_dir            # model.pt + plan.json, read by lib.ml.inference
     trainer.train(new_cases, out_dir2, init_from=res.model_dir, max_epochs=6)   # fine-tune
 
 What happens, in nnU-Net's order:
@@ -34,7 +34,7 @@ What happens, in nnU-Net's order:
 Determinism: on CPU, ``torch.use_deterministic_algorithms(True)`` and fixed seeds make the
 same call give the same weights bit for bit, and a run killed at any point and resumed gives
 the weights of the uninterrupted run (time budgets are the exception: where a run stops then
-depends on the clock). Multi-GPU: launch ``torchrun --nproc_per_node N -m lib.train --job
+depends on the clock). Multi-GPU: launch ``torchrun --nproc_per_node N -m lib.ml.ddp --job
 job.json``; each process takes every N-th item of every batch (so the global batch is the
 same for any N), gradients are averaged by DDP (gloo on CPU, NCCL on GPUs), rank 0 writes.
 """
@@ -80,7 +80,7 @@ class TrainResult:
     """What :func:`train` produced.
 
     Attributes:
-        model_dir: folder with ``model.pt`` and ``plan.json`` (pass it to lib.infer / init_from).
+        model_dir: folder with ``model.pt`` and ``plan.json`` (pass it to lib.ml.inference / init_from).
         model_path: ``model_dir / "model.pt"``.
         plan_path: ``model_dir / "plan.json"``.
         log_csv: per-epoch log (stage, epoch, lr, loss, Dice, seconds); plot it with
@@ -247,7 +247,7 @@ def train(cases: Sequence[Sequence[str]], out_dir: str | Path, plan: Plan | None
         cases: ``(case_id, image_path, mask_path)`` triples; NIfTI CT in HU and integer masks on
             the same grid, any orientation (reoriented to RAS+ when cached).
         out_dir: where the model, logs, curves and checkpoints go (created).
-        plan: from :func:`lib.model.plan_experiment`; default: the plan of ``init_from``, else a
+        plan: from :func:`lib.ml.planning.plan_experiment`; default: the plan of ``init_from``, else a
             synthetic plan fingerprinted from ``cases``.
         val_cases: optional held-out cases; fixed validation patches are scored every epoch.
         max_epochs: epochs over all stages together (each stage gets ``round(max_epochs *
@@ -268,7 +268,7 @@ def train(cases: Sequence[Sequence[str]], out_dir: str | Path, plan: Plan | None
             differs: they are then discarded); False starts over.
         cache_dir: preprocessing cache (default ``out_dir/cache``); share it across runs that
             use the same plan to skip preprocessing.
-        workers: processes for preprocessing (``lib.parallel``); 0 = this process.
+        workers: processes for preprocessing (``lib.core.parallel``); 0 = this process.
         num_threads: ``torch.set_num_threads`` for this run (CPU); None leaves it.
         stages: train only these stages (default all); with ``init_from`` the other stages keep
             their weights, so ``model.pt`` stays complete (e.g. fine-tune only ``["coarse"]``).

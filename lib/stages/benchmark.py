@@ -57,7 +57,7 @@ def trainset(ctx: StageContext) -> list[Case]:
     return annotated_cases(ctx.paths, ["trainset"])
 
 
-def test_cases(ctx: StageContext, include_verse: bool = True) -> list[Case]:
+def evaluation_cases(ctx: StageContext, include_verse: bool = True) -> list[Case]:
     """Test_public and Test_private (release masks from the annotation rounds) and, with
     ``include_verse``, Test_VerSe (:func:`lib.datasets.benchmark_sets.benchmark_test_cases`)."""
     return benchmark_test_cases(ctx.paths, include_verse)

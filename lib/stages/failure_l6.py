@@ -31,7 +31,7 @@ def start(namespace: dict) -> StageContext:
     return StageContext.start(STAGE, namespace)
 
 
-def test_cases(ctx: StageContext) -> list[Case]:
+def evaluation_cases(ctx: StageContext) -> list[Case]:
     """The test cases 04 evaluated, each with 04's prediction attached."""
     cases = benchmark_test_cases(ctx.paths, ctx.P.include_verse)
     stage04 = ctx.paths.stage("04_benchmark")

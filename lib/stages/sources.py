@@ -154,7 +154,7 @@ def save_showcase_figures(paths, index: pd.DataFrame, out_dir: Path, progress: b
     """Save an orthogonal-view figure (bone window, truth overlay) per showcase row.
 
     Reads each volume back from the written source (DICOM through SimpleITK, NIfTI through
-    :mod:`lib.io`) and its truth through :func:`lib.oracle.load_truth`, so the pictures show
+    :mod:`lib.io`) and its truth through :func:`lib.synthetic.oracle.load_truth`, so the pictures show
     what a pipeline will read, not the generator's arrays.
 
     Returns:

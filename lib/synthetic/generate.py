@@ -64,7 +64,7 @@ def generate_group(items: list[dict]) -> list[dict]:
     """Render and write the planned volumes of one group (one patient's scans that share a
     grid, e.g. COLONOG supine + prone) and their truth; return one result per volume.
 
-    Module-level (picklable) for :func:`lib.parallel.map_cases`. Skips the work when every
+    Module-level (picklable) for :func:`lib.core.parallel.map_cases`. Skips the work when every
     volume's completion marker from a previous run exists (markers are written last).
     """
     with retain_heap():  # rendering and writing allocate many volume-sized arrays

@@ -1,6 +1,6 @@
 """The synthetic truth ("oracle"): masks, centroids, variants and planted identifiers.
 
-Written by :mod:`lib.sources` under ``data/<profile>/oracle/`` and read **only** by the
+Written by :mod:`lib.synthetic.generate` under ``data/<profile>/oracle/`` and read **only** by the
 simulated annotators and by evaluation, never as a pipeline input, so the synthetic study
 stays as blind as a real one:
 

@@ -26,7 +26,7 @@ def plot_dice_per_label(per_case: pd.DataFrame, title: str = "") -> Figure:
 
     Returns:
         A matplotlib Figure: one bar per vertebra in craniocaudal order, coloured by
-        :mod:`lib.labels`, the binary spine as a line.
+        :mod:`lib.core.labels`, the binary spine as a line.
     """
     df = per_case[per_case["status"].isin(["detected", "missed"])] if "status" in per_case else per_case
     vert = df[df["label"] > 0]

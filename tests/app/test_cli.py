@@ -23,4 +23,5 @@ def test_unknown_command_exits_2_with_usage(capsys):
 def test_python_dash_m_lib_check_params_validates_every_file():
     proc = subprocess.run([sys.executable, "-m", "lib", "check-params"], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode == 0 and "params: all files valid" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "params: all files valid" in proc.stdout, proc.stdout

@@ -49,17 +49,20 @@ def test_runs_then_skips_then_reruns_downstream(project):
     assert _run(root) == {"00_first": "ran", "01_second": "ran"}  # downstream of a change re-runs
     (root / "params" / "ci" / "01_second.yaml").write_text("profile: ci\nvalue: 4\n")
     assert _run(root) == {"00_first": "skipped", "01_second": "ran"}
-    assert (out / "00_first.txt").read_text() == "xx" and (out / "01_second.txt").read_text() == "xxx"
+    assert (out / "00_first.txt").read_text() == "xx"
+    assert (out / "01_second.txt").read_text() == "xxx"
     assert _run(root, force=True, stages_spec="01") == {"01_second": "ran"}
 
 
 def test_failure_names_stage_and_cell(project):
     root, _ = project
     (root / "params" / "ci" / "01_second.yaml").write_text("profile: ci\nvalue: -1\n")
-    with pytest.raises(pipeline.StageFailed) as info:
+    with pytest.raises(pipeline.StageFailedError) as info:
         _run(root)
     msg = str(info.value)
-    assert "01_second FAILED" in msg and "AssertionError" in msg and "value must be non-negative" in msg
+    assert "01_second FAILED" in msg
+    assert "AssertionError" in msg
+    assert "value must be non-negative" in msg
     assert "p.write_text" in msg  # the failing cell's source
 
 
@@ -92,13 +95,13 @@ def test_rerun_with_new_inputs_starts_clean_but_an_interrupted_run_resumes(proje
     assert (stage / "cache" / "c.txt").exists()  # content-keyed caches survive
     # a failed run resumes with the same inputs (what it wrote is kept)
     (root / "params" / "ci" / "01_second.yaml").write_text("profile: ci\nvalue: -1\n")
-    with pytest.raises(pipeline.StageFailed):
+    with pytest.raises(pipeline.StageFailedError):
         _run(root)
     assert (stage / "done.txt").read_text() == "x"  # fresh folder, one attempt
-    with pytest.raises(pipeline.StageFailed):
+    with pytest.raises(pipeline.StageFailedError):
         _run(root)
     assert (stage / "done.txt").read_text() == "xx"  # same inputs: resumed
-    with pytest.raises(pipeline.StageFailed):
+    with pytest.raises(pipeline.StageFailedError):
         _run(root, force=True)
     assert (stage / "done.txt").read_text() == "x"  # forced: never resumed
     assert _run(root, force=False, stages_spec="00") == {"00_first": "skipped"}

@@ -27,9 +27,12 @@ def test_report_lists_tables_figures_and_notebooks(tmp_path):
     out = report.build_report("ci")
     page = out.read_text()
     assert out == p.runs / "report.html"
-    assert "Table 2" in page and "Mean of Vertebrae" in page and "0.869" in page
+    assert "Table 2" in page
+    assert "Mean of Vertebrae" in page
+    assert "0.869" in page
     assert 'src="04_benchmark/figures/dice_by_vertebra.png"' in page
-    assert 'href="04_benchmark/04_benchmark.html"' in page and (st / "04_benchmark.html").exists()
+    assert 'href="04_benchmark/04_benchmark.html"' in page
+    assert (st / "04_benchmark.html").exists()
     assert "01_curation</td><td><span class=missing>not run" in page
     assert json.loads((st / "run_record.json").read_text())["timings_s"]["train"] == 12.5
     assert "12.5" in page

@@ -26,7 +26,7 @@ def test_collect_goes_on_and_names_the_failure(workers):
 
 
 def test_raise_lists_every_failure():
-    with pytest.raises(parallel.CaseErrors, match="liver_003") as info:
+    with pytest.raises(parallel.CaseFailuresError, match="liver_003") as info:
         parallel.map_cases(square_or_fail, CASES, workers=0, progress=False)
     assert [f.case_id for f in info.value.failures] == ["liver_003"]
 

@@ -34,7 +34,9 @@ def test_typo_names_file_key_and_closest(tmp_path):
     with pytest.raises(params.ParamsError) as info:
         params.load_params(pf, nb)
     msg = str(info.value)
-    assert str(pf) in msg and "'max_epoch'" in msg and "'max_epochs'" in msg
+    assert str(pf) in msg
+    assert "'max_epoch'" in msg
+    assert "'max_epochs'" in msg
 
 
 def test_wrong_type_names_file_key_and_type(tmp_path):

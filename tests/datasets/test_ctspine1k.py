@@ -34,24 +34,30 @@ def test_split_file_gives_per_source_counts_and_reports_unknown_ids(tmp_path):
                  "volume-covid19-A-0003_ct.nii.gz\n\ntest_private:\nHN_P002.nii.gz\n"
                  "volume-covid19-A-0319_ct.nii.gzvolume-covid19-A-0320_ct.nii.gz\n")
     assignment, notes = split_file.read_split_file(f)
-    assert assignment["weird-scan-7"] == "trainset" and assignment["volume-covid19-A-0320_ct"] == "test_private"
+    assert assignment["weird-scan-7"] == "trainset"
+    assert assignment["volume-covid19-A-0320_ct"] == "test_private"
     assert any("ran together" in n for n in notes)
     counts = release_ids.count_by_source_split(assignment).set_index("source")
     assert counts.loc["COLONOG", ["trainset", "test_public", "test_private"]].tolist() == [2, 1, 0]
-    assert counts.loc["HNSCC", "all"] == 2 and counts.loc["COVID19", "test_private"] == 2
-    assert counts.loc["unknown", "trainset"] == 1 and counts.loc["total", "all"] == 11
+    assert counts.loc["HNSCC", "all"] == 2
+    assert counts.loc["COVID19", "test_private"] == 2
+    assert counts.loc["unknown", "trainset"] == 1
+    assert counts.loc["total", "all"] == 11
     assert release_ids.unknown_ids(assignment) == ["weird-scan-7"]
     # used for a release: IDs not on disk and cases not in the file are reported, none dropped
     cfg = _cfg()
     res = release.assign_splits(["HN_P001", "liver_0", "weird-scan-7", "liver_5"], cfg, assignment)
-    assert res.assignment["HN_P001"] == "trainset" and res.origin["liver_5"] == "seeded"
-    assert res.unknown_ids == ["weird-scan-7"] and "weird-scan-7" in " ".join(res.notes)
-    assert res.not_listed == ["liver_5"] and "HN_P002" in res.listed_missing
+    assert res.assignment["HN_P001"] == "trainset"
+    assert res.origin["liver_5"] == "seeded"
+    assert res.unknown_ids == ["weird-scan-7"]
+    assert "weird-scan-7" in " ".join(res.notes)
+    assert res.not_listed == ["liver_5"]
+    assert "HN_P002" in res.listed_missing
     # written back in the official format, read back identically
     out = split_file.write_split_file(tmp_path / "again.txt", assignment)
     assert split_file.read_split_file(out)[0] == assignment
+    (tmp_path / "bad.txt").write_text("liver_0.nii.gz\n")
     with pytest.raises(ValueError, match="before any"):
-        (tmp_path / "bad.txt").write_text("liver_0.nii.gz\n")
         split_file.read_split_file(tmp_path / "bad.txt")
 
 

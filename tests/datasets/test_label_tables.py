@@ -20,5 +20,6 @@ def test_slicer_colour_table(tmp_path):
     rows = [ln.split() for ln in p.read_text().splitlines() if not ln.startswith("#")]
     assert rows[0][:2] == ["0", "background"]
     by_value = {int(r[0]): r for r in rows}
-    assert by_value[28][1] == "T13" and len(by_value[28]) == 6
+    assert by_value[28][1] == "T13"
+    assert len(by_value[28]) == 6
     assert set(by_value) == {0, *labels.LABELS}

@@ -72,7 +72,10 @@ def test_verse_selection_keeps_complete_consistent_scans_and_says_why_not(tmp_pa
     assert "mask spacing 2 2 1 mm differs" in why["sub-verse006"]
     assert "border" in why["sub-verse007"] or "above C1" in why["sub-verse007"]
     assert "T5" in why["sub-verse008"]
-    assert table["usable"].sum() == 3 and len(table) == 8
+    assert table["usable"].sum() == 3
+    assert len(table) == 8
     tr, te = split_cases(usable, 1, seed=0)
-    assert len(tr) == 2 and len(te) == 1 and set(tr + te) == set(usable)
+    assert len(tr) == 2
+    assert len(te) == 1
+    assert set(tr + te) == set(usable)
     assert split_cases(usable, 1, seed=0) == (tr, te)

@@ -11,7 +11,7 @@ import pytest
 from lib import evaluation as evaluate
 from lib import metrics
 from lib.core.labels import name
-from lib.core.parallel import CaseErrors
+from lib.core.parallel import CaseFailuresError
 from lib.io import save_volume
 from tests.helpers.label_boxes import AFFINE, SPACING, _prediction, _truth
 
@@ -21,7 +21,8 @@ def test_match_cases_pairs_by_id_and_lists_unmatched(folders):
     save_volume(np.zeros((4, 4, 4), np.uint8), AFFINE, pred_dir / "stray.nii.gz")
     pairs, unmatched = evaluate.match_cases(gt_dir, pred_dir)
     assert [p[0] for p in pairs] == ["HN_P000", "HN_P001", "HN_P002"]
-    assert pairs[0][2].name == "HN_P000.nii.gz" and pairs[2][2] is None
+    assert pairs[0][2].name == "HN_P000.nii.gz"
+    assert pairs[2][2] is None
     assert [p.name for p in unmatched] == ["stray.nii.gz"]
 
 
@@ -31,8 +32,10 @@ def test_identical_names_are_accepted(tmp_path):
     save_volume(gt, AFFINE, tmp_path / "pred" / "liver_7.nii.gz")
     df, summary = evaluate.evaluate_folders(tmp_path / "gt", tmp_path / "pred", None, workers=0,
                                             progress=False)
-    assert summary["n_cases"] == 1 and summary["n_missing_cases"] == 0
-    assert (df["dice"] == 1.0).all() and (df["hd95"] == 0.0).all()
+    assert summary["n_cases"] == 1
+    assert summary["n_missing_cases"] == 0
+    assert (df["dice"] == 1.0).all()
+    assert (df["hd95"] == 0.0).all()
 
 
 def test_evaluate_folders_writes_tables_and_counts_missing_case(folders, tmp_path):
@@ -43,15 +46,21 @@ def test_evaluate_folders_writes_tables_and_counts_missing_case(folders, tmp_pat
     for f in (evaluate.PER_CASE_CSV, evaluate.SUMMARY_JSON, evaluate.TABLE2_CSV, evaluate.TABLE2_MD):
         assert (out / f).is_file(), f
     # the missing prediction is listed, counted, and scored as empty
-    assert summary["missing_cases"] == ["HN_P002"] and summary["n_missing_cases"] == 1
-    assert summary["n_cases"] == 3 and summary["set_name"] == "test_public"
+    assert summary["missing_cases"] == ["HN_P002"]
+    assert summary["n_missing_cases"] == 1
+    assert summary["n_cases"] == 3
+    assert summary["set_name"] == "test_public"
     miss = df[df["case_id"] == "HN_P002"]
-    assert len(miss) == 6 and miss["prediction_missing"].all()
+    assert len(miss) == 6
+    assert miss["prediction_missing"].all()
     assert (miss.loc[miss["label"] > 0, "status"] == metrics.MISSED).all()
-    assert (miss["dice"] == 0).all() and miss["hd95"].isna().all()
+    assert (miss["dice"] == 0).all()
+    assert miss["hd95"].isna().all()
     # C1 in 3 cases; L1 (label 5) missed everywhere
-    assert summary["mean"]["C1"]["dice"]["n"] == 3 and summary["mean"]["C1"]["missed"] == 1
-    assert summary["mean"]["C5"]["missed"] == 3 and summary["mean"]["C5"]["hd95"]["n"] == 0
+    assert summary["mean"]["C1"]["dice"]["n"] == 3
+    assert summary["mean"]["C1"]["missed"] == 1
+    assert summary["mean"]["C5"]["missed"] == 3
+    assert summary["mean"]["C5"]["hd95"]["n"] == 0
     assert summary["mean_of_vertebrae"]["missed"] == 5 + 3 - 1
     # the JSON on disk is strict, states the definition and holds every case
     on_disk = json.loads((out / evaluate.SUMMARY_JSON).read_text())
@@ -60,7 +69,8 @@ def test_evaluate_folders_writes_tables_and_counts_missing_case(folders, tmp_pat
     assert [c["case_id"] for c in on_disk["metric_per_case"]] == ["HN_P000", "HN_P001", "HN_P002"]
     assert on_disk["mean"]["C5"]["hd95"]["mean"] is None
     csv = pd.read_csv(out / evaluate.PER_CASE_CSV)
-    assert len(csv) == len(df) and set(csv["hd95_definition"]) == {"max"}
+    assert len(csv) == len(df)
+    assert set(csv["hd95_definition"]) == {"max"}
 
 
 def test_means_follow_the_stated_definitions(folders):
@@ -78,7 +88,8 @@ def test_means_follow_the_stated_definitions(folders):
     assert s["mean_of_vertebrae"]["identification_rate_pooled"] == pytest.approx(vert["identified"].mean())
     # missing="exclude" lists and counts the case but leaves it out of the means
     df2, s2 = evaluate.evaluate_folders(gt_dir, pred_dir, None, workers=0, missing="exclude", progress=False)
-    assert s2["n_missing_cases"] == 1 and "HN_P002" not in set(df2["case_id"])
+    assert s2["n_missing_cases"] == 1
+    assert "HN_P002" not in set(df2["case_id"])
     assert s2["mean"]["C1"]["dice"]["n"] == 2
     assert s2["mean_of_vertebrae"]["dice"]["mean"] > s["mean_of_vertebrae"]["dice"]["mean"]
 
@@ -91,12 +102,13 @@ def test_shape_or_affine_mismatch_names_both_files(tmp_path):
     shifted = AFFINE.copy()
     shifted[0, 3] += 0.5
     save_volume(gt, shifted, tmp_path / "pred" / "b.nii.gz")
-    with pytest.raises(CaseErrors) as err:
+    with pytest.raises(CaseFailuresError) as err:
         evaluate.evaluate_folders(tmp_path / "gt", tmp_path / "pred", None, workers=0, progress=False)
     text = str(err.value)
     for f in ("a_seg.nii.gz", "a.nii.gz", "b_seg.nii.gz", "b.nii.gz"):
         assert f in text
-    assert "shape" in text and "affine" in text
+    assert "shape" in text
+    assert "affine" in text
     _, s = evaluate.evaluate_folders(tmp_path / "gt", tmp_path / "pred", None, workers=0,
                                      on_error="collect", progress=False)
     assert [f["case_id"] for f in s["failed_cases"]] == ["a", "b"]
@@ -124,7 +136,8 @@ def test_evaluate_pairs_in_memory_matches_metrics(folders):
     c1 = df[df["label"] == 1].iloc[0]
     expected = metrics.centroids_mm(_truth(0), AFFINE)[1]
     assert (c1["gt_centroid_x_mm"], c1["gt_centroid_y_mm"], c1["gt_centroid_z_mm"]) == pytest.approx(expected)
-    assert s["n_cases"] == 1 and s["hd95_definition"] == "pooled"
+    assert s["n_cases"] == 1
+    assert s["hd95_definition"] == "pooled"
 
 
 def test_dask_local_cluster(folders):
@@ -153,4 +166,5 @@ def test_same_grid_in_another_axis_order_is_accepted(tmp_path):
     flipped[:3, 3] = AFFINE[:3, 3] + AFFINE[:3, 0] * (gt.shape[0] - 1)
     save_volume(gt[::-1], flipped, tmp_path / "pred" / "d.nii.gz")
     rows = evaluate.evaluate_pair("d", tmp_path / "gt" / "d_seg.nii.gz", tmp_path / "pred" / "d.nii.gz")
-    assert rows and all(r["dice"] == 1.0 for r in rows)
+    assert rows
+    assert all(r["dice"] == 1.0 for r in rows)

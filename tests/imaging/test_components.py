@@ -14,11 +14,14 @@ def test_postprocess_keeps_largest_component_per_label_and_drops_specks():
     lab[2:8, 2:8, 10:16] = 6
     lab[17, 17, 17] = 7        # a one-voxel speck
     out = components.postprocess_labels(lab, (1, 1, 1), largest_component=True, min_component_mm3=5)
-    assert (out == 5).sum() == 216 and (out[12:14, 12:14, 12:14] == 0).all()
-    assert (out == 6).sum() == 216 and (out == 7).sum() == 0
+    assert (out == 5).sum() == 216
+    assert (out[12:14, 12:14, 12:14] == 0).all()
+    assert (out == 6).sum() == 216
+    assert (out == 7).sum() == 0
     assert (components.postprocess_labels(lab, (1, 1, 1), False, 0) == lab).all()
     # a stray piece of label 6 stuck to vertebra 5 is relabelled 5, not deleted
     lab2 = lab.copy()
     lab2[8, 3:6, 3:6] = 6
     out2 = components.postprocess_labels(lab2, (1, 1, 1), largest_component=True, min_component_mm3=5)
-    assert (out2[8, 3:6, 3:6] == 5).all() and (out2 == 6).sum() == 216
+    assert (out2[8, 3:6, 3:6] == 5).all()
+    assert (out2 == 6).sum() == 216

@@ -17,7 +17,8 @@ def test_split_at_necks_moves_a_misplaced_boundary_to_the_thin_joint():
     lab[2:18, 2:18, 21:23] = 1  # misplaced boundary
     out = instances.split_at_necks(lab, (1.0, 1.0, 1.0), core_fraction=0.3)
     assert np.array_equal(out > 0, lab > 0)  # the spine mask is untouched
-    assert (out[2:18, 2:18, 2:18] == 1).all() and (out[2:18, 2:18, 21:37] == 2).all()
+    assert (out[2:18, 2:18, 2:18] == 1).all()
+    assert (out[2:18, 2:18, 21:37] == 2).all()
     assert set(np.unique(out)) == {0, 1, 2}
     # anisotropic spacing is honoured and an empty map passes through
     assert not instances.split_at_necks(np.zeros((4, 4, 4), np.uint8), (1, 1, 3)).any()
@@ -33,4 +34,5 @@ def test_split_ignores_an_instance_too_thin_to_hold_a_disc():
     pred[10:20, 10:20, 10] = 24
     insts = instances.vertebra_instances(pred, aff)
     parts, notes = instances.split_merged_instances(pred, aff, insts)
-    assert notes == [] and len(parts) == len(insts) == 5
+    assert notes == []
+    assert len(parts) == len(insts) == 5

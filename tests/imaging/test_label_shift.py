@@ -34,11 +34,15 @@ def test_dislocation_detected_on_a_shifted_l6_case(l6_case):
     tab = label_shift.label_shift_table(m, shifted, l6_case.affine)
     assert list(tab["z_mm"]) == sorted(tab["z_mm"], reverse=True)  # cranial first
     l5_row = tab[tab["pred_name"] == "L5"].iloc[0]
-    assert l5_row["truth_name"] == "L6" and l5_row["offset"] == -1
+    assert l5_row["truth_name"] == "L6"
+    assert l5_row["offset"] == -1
     d = label_shift.dislocation(tab)
-    assert d.dislocated and d.offset == -1 and d.run_length == len(tab)
+    assert d.dislocated
+    assert d.offset == -1
+    assert d.run_length == len(tab)
     ok = label_shift.dislocation(label_shift.label_shift_table(m, m, l6_case.affine))
-    assert not ok.dislocated and ok.run_length == 0
+    assert not ok.dislocated
+    assert ok.run_length == 0
 
 
 def test_single_mislabel_is_not_a_dislocation(l6_case):
@@ -54,9 +58,12 @@ def test_correction_restores_labels_from_the_last_rib(fixture, request):
     shifted = _shift_from_sacrum(case.mask)
     assert mean_vertebra_dice(case.mask, shifted) < 0.1
     kept, info = label_shift.correct_label_shift(case.ct, shifted, case.affine)  # default: two landmarks needed
-    assert not info.applied and "one landmark" in info.anchor and np.array_equal(kept, shifted)
+    assert not info.applied
+    assert "one landmark" in info.anchor
+    assert np.array_equal(kept, shifted)
     fixed, info = label_shift.correct_label_shift(case.ct, shifted, case.affine, anchors="any")
-    assert info.applied and info.anchor == "last rib (T12)"
+    assert info.applied
+    assert info.anchor == "last rib (T12)"
     assert mean_vertebra_dice(case.mask, fixed) == pytest.approx(1.0)
     assert np.array_equal(fixed > 0, shifted > 0)  # geometry untouched, only labels change
 
@@ -65,7 +72,8 @@ def test_correction_leaves_a_correct_prediction_alone(l6_case, missing_l5_case):
     for case in (l6_case, missing_l5_case):
         for anchors in label_shift.ANCHOR_POLICIES:
             out, info = label_shift.correct_label_shift(case.ct, case.mask, case.affine, anchors=anchors)
-            assert not info.applied and np.array_equal(out, case.mask)
+            assert not info.applied
+            assert np.array_equal(out, case.mask)
 
 
 def test_default_correction_needs_skull_and_ribs_to_agree():
@@ -74,7 +82,8 @@ def test_default_correction_needs_skull_and_ribs_to_agree():
     shifted = _shift_from_sacrum(case.mask, by=+1)  # C1 called C2 ... L5 called L6
     assert mean_vertebra_dice(case.mask, shifted) < 0.1
     fixed, info = label_shift.correct_label_shift(case.ct, shifted, case.affine)
-    assert info.applied and info.anchor.startswith("C1 + last rib"), info.anchor
+    assert info.applied, info.anchor
+    assert info.anchor.startswith("C1 + last rib"), info.anchor
     assert mean_vertebra_dice(case.mask, fixed) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="anchors"):
         label_shift.correct_label_shift(case.ct, shifted, case.affine, anchors="one")
@@ -91,16 +100,19 @@ def _merge(mask: np.ndarray, upper: int, lower: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("upper, lower", [(24, 25), (22, 23)], ids=["L5+L6", "L3+L4"])
+@pytest.mark.parametrize(("upper", "lower"), [(24, 25), (22, 23)], ids=["L5+L6", "L3+L4"])
 def test_merged_vertebrae_are_split_and_the_labels_below_move_down(l6_case, upper, lower):
     m = l6_case.mask
     merged = _merge(m, upper, lower)
     assert 25 not in np.unique(merged)  # no L6 left: the paper's failure
     insts = instances.vertebra_instances(merged, l6_case.affine)
     parts, notes = instances.split_merged_instances(merged, l6_case.affine, insts)
-    assert len(parts) == len(insts) + 1 and len(notes) == 1 and notes[0].startswith(L.name(upper))
+    assert len(parts) == len(insts) + 1
+    assert len(notes) == 1
+    assert notes[0].startswith(L.name(upper))
     fixed, info = label_shift.correct_label_shift(l6_case.ct, merged, l6_case.affine)
-    assert info.applied and info.anchor.startswith("merged vertebra split"), info.anchor
+    assert info.applied, info.anchor
+    assert info.anchor.startswith("merged vertebra split"), info.anchor
     assert info.labels_after[-1] == "L6"
     assert np.array_equal(fixed > 0, merged > 0)  # voxels keep their place, labels change
     for v in (upper, lower, 25):  # the cut follows the disc (a posterior arch may go to the wrong side)
@@ -141,4 +153,5 @@ def test_level_offsets_find_a_shift():
     offs = level_offsets(truth, shifted)
     assert offs == {v: -1 for v in range(20, 26)}
     assert set(np.unique(shifted)) == {0, 19, 20, 21, 22, 23, 24}
-    assert variant_of(truth) == "L6" and variant_of(spine_mask([23, 22, 21, 20])) == "missing_L5"
+    assert variant_of(truth) == "L6"
+    assert variant_of(spine_mask([23, 22, 21, 20])) == "missing_L5"

@@ -11,7 +11,8 @@ def test_rib_detection_marks_thoracic_instances_only(l6_case):
     insts = instances.vertebra_instances(l6_case.mask, l6_case.affine)
     ribs = landmarks.detect_ribs(l6_case.ct, l6_case.mask, l6_case.affine, insts)
     by_label = {i.label: r for i, r in zip(insts, ribs, strict=True)}
-    assert by_label[19] and by_label[18]  # T12, T11
+    assert by_label[19]
+    assert by_label[18]
     assert not any(by_label[v] for v in (20, 21, 22, 23))  # L1..L4
 
 

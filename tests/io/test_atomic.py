@@ -10,9 +10,14 @@ from lib import io
 def test_atomic_write_leaves_nothing_on_error(tmp_path):
     target = tmp_path / "sub" / "table.csv"
     io.write_text(target, "old\n")
-    with pytest.raises(RuntimeError), io.atomic_write(target, "w") as fh:
-        fh.write("partial")
-        raise RuntimeError("killed")
+
+    def killed_mid_write():
+        with io.atomic_write(target, "w") as fh:
+            fh.write("partial")
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        killed_mid_write()
     assert target.read_text() == "old\n"
     assert [p.name for p in target.parent.iterdir()] == ["table.csv"]
 
@@ -24,4 +29,5 @@ def test_a_killed_write_leaves_no_nifti_in_the_folder(tmp_path):
     tmp = ctx.__enter__()  # as if the process died here
     tmp.write_bytes(b"partial")
     assert list(tmp_path.glob("*.nii.gz")) == []
-    assert tmp.parent.name == io.PARTIAL_DIR and tmp.name.endswith(".nii.gz")
+    assert tmp.parent.name == io.PARTIAL_DIR
+    assert tmp.name.endswith(".nii.gz")

@@ -72,7 +72,7 @@ def test_axial_affine_matches_dicom_geometry_in_every_slice_order(tmp_path, ct, 
     assert vol.geometry.z_source == "positions"
 
 
-@pytest.mark.parametrize("name,affine", [("oblique30", _oblique(30.0)), ("sagittal", SAGITTAL)])
+@pytest.mark.parametrize(("name", "affine"), [("oblique30", _oblique(30.0)), ("sagittal", SAGITTAL)])
 def test_non_axial_affine_matches_dicom_geometry(tmp_path, ct, name, affine):
     files = write_dicom_series(ct, affine, tmp_path / name, TAGS, slice_order="shuffled")
     vol = dicom.read_series(files)
@@ -166,7 +166,7 @@ def test_inconsistent_spacing_duplicates_tilt_and_modality(tmp_path, ct):
 
 
 def test_hand_built_dataset_without_sources_module(tmp_path):
-    """A minimal series built with pydicom alone (independent of lib.sources)."""
+    """A minimal series built with pydicom alone (independent of lib.io.dicom_write)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -204,4 +204,5 @@ def test_discover_series_groups_by_folder(tmp_path, ct):
     (tmp_path / "P1" / "notes.txt").write_text("not dicom")
     refs = dicom.discover_series(tmp_path)
     assert [len(r.files) for r in refs] == [ct.shape[2], 5]
-    assert refs[0].summary["PatientID"] == "TEST0001" and refs[0].series_uid
+    assert refs[0].summary["PatientID"] == "TEST0001"
+    assert refs[0].series_uid

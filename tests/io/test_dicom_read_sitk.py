@@ -18,7 +18,8 @@ def test_load_source_volume_is_canonical(generated):
         vol = dicom_read.read_source_volume(Path(p.sources), r["image_path"])
         assert np.all(np.diag(vol.affine)[:3] > 0)  # RAS+
         truth = oracle.load_truth(p, src, r["source_key"], vol)
-        assert truth.shape == vol.shape and truth.any()
+        assert truth.shape == vol.shape
+        assert truth.any()
         if src != "COLONOG":
             ref = load_volume(Path(p.sources) / r["image_path"])
             np.testing.assert_array_equal(ref.array, vol.array)

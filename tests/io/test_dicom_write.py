@@ -52,8 +52,11 @@ def test_dicom_tags_and_positions_read_back_with_pydicom(tmp_path):
     assert len(files) == 4
     dss = [pydicom.dcmread(f) for f in files]
     ds = dss[0]
-    assert ds.SOPClassUID == dicom_write.CT_IMAGE_STORAGE and ds.Modality == "CT"
-    assert str(ds.PatientName) == "DOE^JANE" and ds.PatientBirthDate == "19500101" and ds.KVP == "120"
+    assert ds.SOPClassUID == dicom_write.CT_IMAGE_STORAGE
+    assert ds.Modality == "CT"
+    assert str(ds.PatientName) == "DOE^JANE"
+    assert ds.PatientBirthDate == "19500101"
+    assert ds.KVP == "120"
     np.testing.assert_allclose([float(v) for v in ds.ImageOrientationPatient], [1, 0, 0, 0, 1, 0])
     np.testing.assert_allclose([float(v) for v in ds.PixelSpacing], [0.75, 0.75])
     assert float(ds.SliceThickness) == 2.5  # tags may state a thickness other than the spacing
@@ -64,7 +67,8 @@ def test_dicom_tags_and_positions_read_back_with_pydicom(tmp_path):
     assert sorted(np.round(np.diff(sorted(z)), 3).tolist()) == [2.0, 2.0, 4.0]
     # HU through RescaleSlope/Intercept; LPS position of voxel (0, 0, 0)
     hu = by_inst[-1].pixel_array.astype(float) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    assert hu[0, 0] == -1024 and hu[5, 5] == 40
+    assert hu[0, 0] == -1024
+    assert hu[5, 5] == 40
     np.testing.assert_allclose([float(v) for v in by_inst[-1].ImagePositionPatient], [-200.0, -180.0, -300.0])
     # geometry keywords come from the affine only
     with pytest.raises(ValueError, match="PixelSpacing"):
@@ -78,7 +82,8 @@ def test_dicom_series_write_is_atomic_and_cleans_up_after_a_killed_run(tmp_path)
     (stale / "1-001.dcm").write_bytes(b"half")
     first = dicom_write.write_dicom_series(ct, np.eye(4), tmp_path / "s", {"PatientName": "X"})
     again = dicom_write.write_dicom_series(ct[:, :, :2], np.eye(4), tmp_path / "s", {"PatientName": "X"})
-    assert len(first) == 4 and len(again) == 2
+    assert len(first) == 4
+    assert len(again) == 2
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [p.name for p in again]  # replaced, no leftovers
     assert [p.name for p in tmp_path.iterdir()] == ["s"]  # stale and temporary folders gone
 

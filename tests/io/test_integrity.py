@@ -18,13 +18,16 @@ def test_check_pair_shape_label_and_affine_faults(tmp_path, rng):
 
     wrong_shape = _write(tmp_path / "shape_seg.nii.gz", np.zeros((10, 12, 13), np.uint8), np.eye(4))
     faults = io.check_pair(img, wrong_shape, allowed_labels=range(1, 26))
-    assert len(faults) == 1 and "shape_seg.nii.gz" in str(faults[0]) and "(10, 12, 13)" in faults[0].message
+    assert len(faults) == 1
+    assert "shape_seg.nii.gz" in str(faults[0])
+    assert "(10, 12, 13)" in faults[0].message
 
     m99 = ok_mask.copy()
     m99[0, 0, 0] = 99
     bad_label = _write(tmp_path / "lab_seg.nii.gz", m99, np.eye(4))
     faults = io.check_pair(img, bad_label, allowed_labels=range(1, 26))
-    assert [f.path for f in faults] == [str(bad_label)] and "[99]" in faults[0].message
+    assert [f.path for f in faults] == [str(bad_label)]
+    assert "[99]" in faults[0].message
     with pytest.raises(io.IntegrityError, match="lab_seg.nii.gz: unexpected label values \\[99\\]"):
         io.require_pair(img, bad_label, allowed_labels=range(1, 26))
 
@@ -32,7 +35,8 @@ def test_check_pair_shape_label_and_affine_faults(tmp_path, rng):
     shifted[0, 3] = 0.5
     moved = _write(tmp_path / "moved_seg.nii.gz", ok_mask, shifted)
     faults = io.check_pair(img, moved, allowed_labels=range(1, 26))
-    assert len(faults) == 1 and "affine" in faults[0].message
+    assert len(faults) == 1
+    assert "affine" in faults[0].message
 
 
 def test_nan_image_is_reported(tmp_path):
@@ -40,4 +44,6 @@ def test_nan_image_is_reported(tmp_path):
     arr[1, 1, 1] = np.nan
     p = _write(tmp_path / "nan.nii.gz", arr, np.eye(4))
     faults = io.check_pair(p)
-    assert faults and "NaN" in faults[0].message and faults[0].path == str(p)
+    assert faults
+    assert "NaN" in faults[0].message
+    assert faults[0].path == str(p)

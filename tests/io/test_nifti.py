@@ -69,7 +69,9 @@ def test_truncated_gzip_is_named(tmp_path, rng):
     with pytest.raises(io.NiftiReadError, match="case_007.nii.gz: truncated"):
         io.load_volume(bad)
     faults = io.check_pair(bad)
-    assert len(faults) == 1 and faults[0].path == str(bad) and "truncated" in faults[0].message
+    assert len(faults) == 1
+    assert faults[0].path == str(bad)
+    assert "truncated" in faults[0].message
 
 
 def test_missing_spacing_is_reported(tmp_path):

@@ -25,15 +25,20 @@ def test_conventions_missed_false_positive_and_absent(random_pair):
     gt, pred = random_pair
     rows = metrics.evaluate_case(gt, pred, SPACING, labels=range(1, 12))
     labels = [r["label"] for r in rows]
-    assert 7 not in labels and 11 not in labels  # absent in both: not evaluated
+    assert 7 not in labels
+    assert 11 not in labels
     missed = _row(rows, 6)
     assert missed["status"] == metrics.MISSED
-    assert missed["dice"] == 0.0 and missed["nsd"] == 0.0
-    assert math.isnan(missed["hd95"]) and math.isnan(missed["assd"])
-    assert missed["identified"] == 0.0 and math.isnan(missed["localisation_mm"])
+    assert missed["dice"] == 0.0
+    assert missed["nsd"] == 0.0
+    assert math.isnan(missed["hd95"])
+    assert math.isnan(missed["assd"])
+    assert missed["identified"] == 0.0
+    assert math.isnan(missed["localisation_mm"])
     fp = _row(rows, 9)
     assert fp["status"] == metrics.FALSE_POSITIVE
-    assert fp["gt_voxels"] == 0 and fp["pred_voxels"] == 3 * 3 * 4
+    assert fp["gt_voxels"] == 0
+    assert fp["pred_voxels"] == 3 * 3 * 4
     assert all(math.isnan(fp[k]) for k in ("dice", "hd95", "assd", "identified"))
     assert labels[-1] == metrics.SPINE_LABEL
 
@@ -46,7 +51,8 @@ def test_empty_truth_and_prediction_give_no_rows():
 def test_bool_masks_and_validation_errors():
     gt = _cube((12, 12, 12), (2, 2, 2), 6)
     rows = metrics.evaluate_case(gt, gt, SPACING, labels=[1])
-    assert _row(rows, 1)["dice"] == 1.0 and _row(rows, 1)["hd95"] == 0.0
+    assert _row(rows, 1)["dice"] == 1.0
+    assert _row(rows, 1)["hd95"] == 0.0
     with pytest.raises(ValueError, match="shape"):
         metrics.evaluate_case(gt, gt[:-1], SPACING)
     with pytest.raises(TypeError, match="float"):
@@ -66,4 +72,5 @@ def test_evaluate_case_identification_on_swapped_labels():
     rows = metrics.evaluate_case(m, p, (1.0, 1.0, 1.5), labels=range(1, 5))
     assert [_row(rows, v)["identified"] for v in range(1, 5)] == [1.0, 0.0, 0.0, 1.0]
     assert _row(rows, 2)["localisation_mm"] == pytest.approx(14 * 1.5)
-    assert _row(rows, 2)["dice"] == 0.0 and _row(rows, 2)["status"] == metrics.DETECTED
+    assert _row(rows, 2)["dice"] == 0.0
+    assert _row(rows, 2)["status"] == metrics.DETECTED

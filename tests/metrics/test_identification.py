@@ -21,4 +21,5 @@ def test_identification_closest_and_within_limit():
     assert [res[v]["identified"] for v in (1, 2, 3, 4, 5)] == [True, False, False, True, False]
     assert res[2]["localisation_mm"] == pytest.approx(14.0)
     empty = metrics.identification({1: (0.0, 0.0, 0.0)}, {})[1]
-    assert empty["identified"] is False and math.isnan(empty["localisation_mm"])
+    assert empty["identified"] is False
+    assert math.isnan(empty["localisation_mm"])

@@ -93,7 +93,7 @@ def test_pooled_and_max_differ_as_derived_for_a_detached_plate(direction):
     assert r["nsd"] == pytest.approx(2 * s_cube / (2 * s_cube + 36))
 
 
-@pytest.mark.parametrize("axis,k", [(0, 2), (1, 1), (2, 1)])
+@pytest.mark.parametrize(("axis", "k"), [(0, 2), (1, 1), (2, 1)])
 def test_shifted_ellipsoidal_sphere_has_known_hausdorff_and_dice(axis, k):
     """A ball of radius 9 mm (an ellipsoid in voxels) shifted by k voxels.
 
@@ -190,10 +190,14 @@ def test_one_empty_mask_gives_missing_distances_not_numbers():
     gt = _cube((10, 10, 10), (2, 2, 2), 4)
     empty = np.zeros_like(gt)
     r = metrics.compare_masks(gt, empty, SPACING)
-    assert r["dice"] == 0.0 and r["nsd"] == 0.0
-    assert math.isnan(r["hd95"]) and math.isnan(r["assd"])
+    assert r["dice"] == 0.0
+    assert r["nsd"] == 0.0
+    assert math.isnan(r["hd95"])
+    assert math.isnan(r["assd"])
     d_gp, d_pg = metrics.surface_distances(gt, empty, SPACING)
-    assert d_pg.size == 0 and np.isinf(d_gp).all() and d_gp.size == 4 ** 3 - 2 ** 3
+    assert d_pg.size == 0
+    assert np.isinf(d_gp).all()
+    assert d_gp.size == 4 ** 3 - 2 ** 3
     rows = metrics.evaluate_case(gt.astype(np.uint8), empty.astype(np.uint8), SPACING, labels=[1],
                                  include_spine=False)
     assert [r["status"] for r in rows] == [metrics.MISSED]

@@ -20,13 +20,16 @@ def test_cache_is_reused_and_redone_when_source_changes(tmp_path):
     plan = tiny_plan(cases)
     folder, metas = cache.build_cache(cases, plan, "coarse", tmp_path / "cache", progress=False)
     img = np.load(folder / metas[0]["image"], mmap_mode="r")
-    assert img.dtype == np.float16 and list(img.shape) == metas[0]["shape"]
+    assert img.dtype == np.float16
+    assert list(img.shape) == metas[0]["shape"]
     assert not str(folder / metas[0]["image"]).endswith(".gz")
     assert plan.stage("coarse").task == "levels"
     seg = np.load(folder / metas[0]["seg"])
-    assert preprocessing.decode_levels(seg).max() == len(plan.labels) and seg.dtype == np.uint8
+    assert preprocessing.decode_levels(seg).max() == len(plan.labels)
+    assert seg.dtype == np.uint8
     near = seg % preprocessing.LEVEL_FG
-    assert (near[seg >= preprocessing.LEVEL_FG] > 0).all() and (near > 0).sum() > (seg >= preprocessing.LEVEL_FG).sum()
+    assert (near[seg >= preprocessing.LEVEL_FG] > 0).all()
+    assert (near > 0).sum() > (seg >= preprocessing.LEVEL_FG).sum()
     stamp = (folder / metas[0]["image"]).stat().st_mtime_ns
     cache.build_cache(cases, plan, "coarse", tmp_path / "cache", progress=False)
     assert (folder / metas[0]["image"]).stat().st_mtime_ns == stamp  # reused
@@ -47,7 +50,8 @@ def test_foreground_targets_are_spine_fractions_on_a_coarser_grid(tmp_path):
     folder, metas = cache.build_cache(cases, plan, "fine", tmp_path / "cache", progress=False)
     seg = np.load(folder / metas[0]["seg"])
     partial = (seg > 0) & (seg < preprocessing.SOFT_MAX)
-    assert partial.any() and (seg == preprocessing.SOFT_MAX).any()  # boundary voxels hold fractions
+    assert partial.any()
+    assert (seg == preprocessing.SOFT_MAX).any()
     # the loss prefers probabilities equal to the fractions over hard 0/1 guesses
     y = torch.as_tensor(seg[None, None].astype(np.int64))
     f = y.float() / preprocessing.SOFT_MAX

@@ -51,7 +51,8 @@ def test_ddp_two_processes_gloo_matches_one_process_curve(tmp_path):
     one = pd.read_csv(single.log_csv)["train_loss"].to_numpy()
     two = pd.read_csv(res["log_csv"])["train_loss"].to_numpy()
     assert len(one) == len(two) == 8
-    assert two[-1] < 0.8 * two[0] and one[-1] < 0.8 * one[0]
+    assert two[-1] < 0.8 * two[0]
+    assert one[-1] < 0.8 * one[0]
     # same init, same global batch, gradients averaged: the same curve (the batch Dice of a half
     # batch per process is not that of the whole batch, so close, not bit-identical)
     assert np.allclose(two, one, rtol=0.01, atol=0)

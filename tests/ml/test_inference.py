@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -77,11 +79,12 @@ def test_trained_toy_model_finds_the_spine(trained, tmp_path):
 def test_predict_cases_parallel_collects_failures_and_skips_done(trained, tmp_path):
     model_dir, cases = trained
     bad = tmp_path / "broken.nii.gz"
-    bad.write_bytes(open(cases[0][1], "rb").read()[:200])  # truncated gzip
+    bad.write_bytes(Path(cases[0][1]).read_bytes()[:200])  # truncated gzip
     items = [(c[0], c[1], str(tmp_path / f"{c[0]}_seg.nii.gz")) for c in cases[:2]]
     items.append(("broken", str(bad), str(tmp_path / "broken_seg.nii.gz")))
     res = inference.predict_cases(model_dir, items, workers=2, progress=False)
-    assert sorted(res.values) == ["t0", "t1"] and res.failed_ids == ["broken"]
+    assert sorted(res.values) == ["t0", "t1"]
+    assert res.failed_ids == ["broken"]
     assert "broken.nii.gz" in res.failures[0].message
     stamp = (tmp_path / "t0_seg.nii.gz").stat().st_mtime_ns
     inference.predict_cases(model_dir, items[:1], workers=0, progress=False)
@@ -100,5 +103,6 @@ def test_single_stage_plan_predicts_on_its_own_grid(tmp_path):
     m = inference.load_model(res.model_dir, "cpu")
     vol = load_volume(cases[0][1])
     lab = inference.predict_volume(m, vol.array, vol.spacing, tta=True)
-    assert lab.shape == vol.shape and lab.dtype == np.uint8
+    assert lab.shape == vol.shape
+    assert lab.dtype == np.uint8
     assert set(np.unique(lab)) <= {0, 20, 21, 22, 23}

@@ -24,4 +24,5 @@ def test_build_network_shapes_with_deep_supervision():
     coarse = networks.build_network(plan, cst).eval()
     with torch.no_grad():
         y = coarse(torch.zeros(1, 2, *cst.patch_size))
-    assert cst.in_channels == 2 and y.shape[1] == len(plan.labels) - 1
+    assert cst.in_channels == 2
+    assert y.shape[1] == len(plan.labels) - 1

@@ -39,7 +39,8 @@ def test_topology_pools_anisotropic_axis_late_and_uses_1_kernels():
     strides, kernels, div = planning.get_topology((160, 160, 32), (0.8, 0.8, 4.0))
     assert strides[0] == [1, 1, 1]
     # z (5x coarser) is not pooled until in-plane spacing reached within a factor 2
-    assert strides[1] == [2, 2, 1] and strides[2] == [2, 2, 1]
+    assert strides[1] == [2, 2, 1]
+    assert strides[2] == [2, 2, 1]
     assert kernels[0] == [3, 3, 1]
     assert any(s[2] == 2 for s in strides[3:])
     assert div == [int(np.prod([s[a] for s in strides])) for a in range(3)]
@@ -59,12 +60,17 @@ def test_plan_patch_respects_memory_budget_and_divisibility():
 def test_paper_plan_is_3d_fullres_like():
     fp = _fp([(0.8, 0.8, 1.0)] * 6, [(512, 512, 600)] * 6, labels=range(1, 25))
     plan = planning.plan_experiment(fp, "paper")
-    assert plan.combine == "single" and [s.name for s in plan.stages] == ["3d_fullres"]
+    assert plan.combine == "single"
+    assert [s.name for s in plan.stages] == ["3d_fullres"]
     st = plan.stages[0]
-    assert st.filters[0] == 32 and max(st.filters) == 320 and len(st.strides) == 6
-    assert st.deep_supervision >= 1 and st.task == "labels"
+    assert st.filters[0] == 32
+    assert max(st.filters) == 320
+    assert len(st.strides) == 6
+    assert st.deep_supervision >= 1
+    assert st.task == "labels"
     assert np.prod(st.patch_size) >= 96 ** 3  # of the order of nnU-Net's 128^3
-    assert plan.training["optimizer"] == "sgd" and plan.training["max_epochs"] == 1000
+    assert plan.training["optimizer"] == "sgd"
+    assert plan.training["max_epochs"] == 1000
     assert plan.labels == list(range(1, 25))
 
 
@@ -74,13 +80,20 @@ def test_synthetic_plan_is_a_small_cascade_covering_the_fov():
     plan = planning.plan_experiment(fp, "synthetic", roi_margin_mm=30.0)
     locate, coarse, fine = plan.stages
     assert plan.combine == "label_transfer"
-    assert locate.task == "foreground" and locate.roi_from is None and locate.whole_volume
+    assert locate.task == "foreground"
+    assert locate.roi_from is None
+    assert locate.whole_volume
     extent = np.asarray(locate.patch_size) * np.asarray(locate.spacing_mm)
     assert np.all(extent >= np.asarray(fp["p90_extent_mm"]) - 1e-6)  # the whole FOV in one patch
-    assert coarse.task == "levels" and coarse.roi_from == "locate" and coarse.whole_volume and coarse.z_coord
+    assert coarse.task == "levels"
+    assert coarse.roi_from == "locate"
+    assert coarse.whole_volume
+    assert coarse.z_coord
     extent = np.asarray(coarse.patch_size) * np.asarray(coarse.spacing_mm)
     assert np.all(extent >= np.asarray([110.0, 120.0, 600.0]) + 60 - 1e-6)  # the whole spine + margins
-    assert fine.task == "foreground" and fine.spacing_mm == [2.0, 2.0, 2.0] and fine.roi_from == "locate"
+    assert fine.task == "foreground"
+    assert fine.spacing_mm == [2.0, 2.0, 2.0]
+    assert fine.roi_from == "locate"
     assert plan.inference["gate"]["stage"] == "locate"
     assert networks.count_parameters(networks.build_network(plan, "fine")) < 3e6
 

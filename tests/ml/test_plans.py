@@ -14,7 +14,8 @@ def test_plan_json_round_trip_and_validation(tmp_path):
     assert plan.labels == [20, 21]  # T13 mapped away
     plans.save_plan(plan, tmp_path / "plan.json")
     again = plans.load_plan(tmp_path)
-    assert again == plan and again.label_map == {28: 0}
+    assert again == plan
+    assert again.label_map == {28: 0}
     bad = plans.plan_to_dict(plan)
     bad["stages"][0]["patch_size"] = [13, 13, 13]
     with pytest.raises(ValueError, match="not divisible"):

@@ -28,7 +28,8 @@ def test_levels_count_whole_levels_so_a_normal_l1_follows_t12(tmp_path):
     cases = toy_cases(tmp_path / "d", 1)
     plan = tiny_plan(cases, labels=L.ordered(list(range(1, 26)) + [L.T13]))
     ladder = plan.level_ladder()
-    assert L.T13 not in ladder and ladder == list(range(1, 26))
+    assert L.T13 not in ladder
+    assert ladder == list(range(1, 26))
     assert plan.stage("coarse").n_classes(plan) == 24  # thresholds between the 25 rungs
     mask = np.array([[[19, L.T13, 20, 0, 25]]], dtype=np.uint8)  # T12, T13, L1, background, L6
     lev = preprocessing.mask_to_classes(mask, plan, "levels")
@@ -36,7 +37,10 @@ def test_levels_count_whole_levels_so_a_normal_l1_follows_t12(tmp_path):
     assert plan.level_to_label()[[19, 20, 25]].tolist() == [19, 20, 25]
     # the softmax task keeps T13 as its own class
     lab = preprocessing.mask_to_classes(mask, plan, "labels").ravel().tolist()
-    assert lab[1] == plan.labels.index(L.T13) + 1 and lab[2] == lab[1] + 1
+    assert lab[1] == plan.labels.index(L.T13) + 1
+    assert lab[2] == lab[1] + 1
     # encoded targets: T13's voxel takes a neighbour's level, never a rung of its own
     enc = preprocessing.encode_levels(lev[..., :3]) & (preprocessing.LEVEL_FG - 1)  # the trained level of every voxel
-    assert enc.ravel()[0] == 19 and enc.ravel()[2] == 20 and enc.ravel()[1] in (19, 20)
+    assert enc.ravel()[0] == 19
+    assert enc.ravel()[2] == 20
+    assert enc.ravel()[1] in (19, 20)

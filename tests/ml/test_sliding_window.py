@@ -41,9 +41,11 @@ def test_sliding_window_equals_direct_and_is_memory_bounded():
     info = sliding_window.sliding_window(net, img, (8, 8, 16), 3, consume, overlap=0.5)
     assert np.allclose(got, direct, atol=1e-5)
     # every slice emitted once, in order; never more than ~2 patch heights of all classes held
-    assert seen[0][0] == 0 and seen[-1][1] == 100
+    assert seen[0][0] == 0
+    assert seen[-1][1] == 100
     assert all(a[1] == b[0] for a, b in zip(seen, seen[1:], strict=False))
-    assert info["max_buffer_z"] <= 2 * 16 and info["windows"] > 10
+    assert info["max_buffer_z"] <= 2 * 16
+    assert info["windows"] > 10
     # an image smaller than the patch is padded around (centred), not cut
     small = img[:5, :6, :7]
     out = np.zeros((3, 5, 6, 7), np.float32)
@@ -66,6 +68,7 @@ def test_mirror_tta_is_exact_for_a_symmetric_net_and_changes_an_asymmetric_one()
 
 def test_gaussian_importance_peaks_in_the_centre():
     w = sliding_window.gaussian_importance((9, 11, 16))
-    assert w.max() == pytest.approx(1.0) and w.min() > 0
+    assert w.max() == pytest.approx(1.0)
+    assert w.min() > 0
     assert np.unravel_index(np.argmax(w), w.shape)[:2] == (4, 5)
     assert np.allclose(w, w[::-1, ::-1, ::-1])

@@ -44,15 +44,18 @@ def test_training_learns_is_deterministic_and_writes_outputs(tmp_path):
     assert fine["train_loss"].iloc[-1] < fine["train_loss"].iloc[0]
     coarse = log[log.stage == "coarse"]
     assert coarse["lr"].iloc[1] < coarse["lr"].iloc[0]  # poly decay
-    assert r1.log_csv.stat().st_size > 100 and (tmp_path / "a" / "plan.json").exists()
+    assert r1.log_csv.stat().st_size > 100
+    assert (tmp_path / "a" / "plan.json").exists()
     assert plans.load_plan(tmp_path / "a") == plan
     # another seed gives other weights; a finished run is returned without training
     r3 = trainer.train(cases[:3], tmp_path / "c", plan, **{**kw, "seed": 2})
     assert not _equal(_weights(tmp_path / "a"), _weights(tmp_path / "c"))
     t0 = time.perf_counter()
     again = trainer.train(cases[:3], tmp_path / "a", plan, **kw)
-    assert time.perf_counter() - t0 < 1.0 and again.model_path == r1.model_path
-    assert r3.seconds > 0 and r2.final_metrics["fine"]["epoch"] == r1.epochs["fine"]
+    assert time.perf_counter() - t0 < 1.0
+    assert again.model_path == r1.model_path
+    assert r3.seconds > 0
+    assert r2.final_metrics["fine"]["epoch"] == r1.epochs["fine"]
 
 
 def test_fine_tune_starts_from_previous_weights(tmp_path):
@@ -77,7 +80,8 @@ def test_fine_tune_starts_from_previous_weights(tmp_path):
     plan2 = tiny_plan(cases, labels=[20, 21])
     net = networks.build_network(plan2, "coarse")
     skipped = checkpoint.init_state(net, a["coarse"], "base")
-    assert skipped and all(("output_block" in k) or ("deep_supervision" in k) or ("super_head" in k) for k in skipped)
+    assert skipped
+    assert all(("output_block" in k) or ("deep_supervision" in k) or ("super_head" in k) for k in skipped)
 
 
 def test_time_budget_stops_training(tmp_path):
@@ -86,7 +90,8 @@ def test_time_budget_stops_training(tmp_path):
     res = trainer.train(cases, tmp_path / "t", plan, max_epochs=1000, iterations_per_epoch=2, time_budget_s=3.0,
                       progress=False)
     assert set(res.stopped_by.values()) == {"time"}
-    assert res.seconds < 6.0 and sum(res.epochs.values()) < 1000
+    assert res.seconds < 6.0
+    assert sum(res.epochs.values()) < 1000
 
 
 _KILL_SCRIPT = """

@@ -59,28 +59,30 @@ def test_test_sets_hold_the_release_splits_and_test_verse(tmp_path):
                   "usable": [True, True, False, False],
                   "reason": ["", "", "cropped: the spine starts at C4", "mask spacing differs"]}).to_csv(
         tab / "verse_selection.csv", index=False)
-    cases = benchmark.test_cases(_ctx())
+    cases = benchmark.evaluation_cases(_ctx())
     assert [(c.split, c.case_id) for c in cases] == [("test_public", "liver_2"), ("test_private", "HN_P001"),
                                                       ("Test_VerSe", "sub-verse002"), ("Test_VerSe", "sub-verse003")]
     assert [c.case_id for c in benchmark.trainset(_ctx())] == ["liver_1"]
     (pp.split_dir("test_public", "gt") / "liver_2_seg.nii.gz").unlink()
     with pytest.raises(FileNotFoundError, match="liver_2_seg.nii.gz"):
-        benchmark.test_cases(_ctx(), include_verse=False)
+        benchmark.evaluation_cases(_ctx(), include_verse=False)
 
 
 def test_evaluation_and_table2_of_perfect_and_shifted_predictions():
     pp = for_profile("ci")
     _release(pp, {"test_public": [("liver_2", [24, 23, 22])], "test_private": [("liver_3", [24, 23, 22])]})
     ctx = _ctx()
-    cases = benchmark.test_cases(ctx, include_verse=False)
+    cases = benchmark.evaluation_cases(ctx, include_verse=False)
     out = [c.with_prediction(prediction_path(ctx.dir, c.split, c.case_id)) for c in cases]
     save_volume(spine_mask([24, 23, 22]), AFFINE, out[0].prediction)      # perfect
     save_volume(spine_mask([23, 22, 21]), AFFINE, out[1].prediction)      # every label one level high
     per_case, summaries, scores = benchmark.evaluate(ctx, out)
     s = scores.set_index("set")
-    assert s.loc["test_public", "mean_vertebra_dice"] == 1.0 and s.loc["test_private", "mean_vertebra_dice"] == 0.0
+    assert s.loc["test_public", "mean_vertebra_dice"] == 1.0
+    assert s.loc["test_private", "mean_vertebra_dice"] == 0.0
     assert s.loc["test_private", "spine_dice"] == 1.0  # the spine is right, only the labels are shifted
-    assert (ctx.tables / "case_scores.csv").exists() and (ctx.dir / "evaluation" / "test_public" / "summary.json").exists()
+    assert (ctx.tables / "case_scores.csv").exists()
+    assert (ctx.dir / "evaluation" / "test_public" / "summary.json").exists()
     table2 = benchmark.write_table2(ctx, summaries)
     assert table2.loc["Mean of Vertebrae", "test_public DSC"] == 1.0
     assert table2.loc["Mean of Vertebrae", "test_private DSC (paper)"] == pytest.approx(0.840)

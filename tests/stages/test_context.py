@@ -20,8 +20,10 @@ def _namespace(stage: str, profile: str = "ci", **overrides) -> dict:
 
 def test_start_validates_creates_folders_and_seeds():
     ctx = StageContext.start("04_benchmark", _namespace("04_benchmark", seed=3), seed=True)
-    assert ctx.P.profile == "ci" and ctx.dir.name == "04_benchmark"
-    assert ctx.figures.is_dir() and ctx.tables.is_dir()
+    assert ctx.P.profile == "ci"
+    assert ctx.dir.name == "04_benchmark"
+    assert ctx.figures.is_dir()
+    assert ctx.tables.is_dir()
     first = (random.random(), np.random.random())
     StageContext.start("04_benchmark", _namespace("04_benchmark", seed=3), seed=True)
     assert (random.random(), np.random.random()) == first
@@ -36,6 +38,10 @@ def test_write_record_holds_environment_parameters_timings_and_extra():
     with ctx.timings("detect"):
         pass
     rec = json.loads(ctx.write_record({"cases": 3}).read_text())
-    assert rec["parameters"]["profile"] == "ci" and "detect" in rec["timings_s"] and rec["extra"] == {"cases": 3}
+    assert rec["parameters"]["profile"] == "ci"
+    assert "detect" in rec["timings_s"]
+    assert rec["extra"] == {"cases": 3}
     env = rec["environment"]
-    assert env["git_sha"] and env["packages"]["numpy"] and env["device"].startswith("cpu")
+    assert env["git_sha"]
+    assert env["packages"]["numpy"]
+    assert env["device"].startswith("cpu")

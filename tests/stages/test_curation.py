@@ -39,7 +39,8 @@ def test_faulty_series_are_excluded_with_reasons_and_the_others_converted(source
     for rid, sp in split.assignment.items():
         f = cfg.release_dir / sp / "data" / f"{rid}.nii.gz"
         v = io.load_volume(f, canonical=False)
-        assert v.array.dtype == np.int16 and np.abs(v.affine - AFF).max() < 1e-3
+        assert v.array.dtype == np.int16
+        assert np.abs(v.affine - AFF).max() < 1e-3
     assert all((cfg.release_dir / s / "gt").is_dir() for s in paths.SPLITS)
 
 
@@ -48,7 +49,8 @@ def test_selection_rules_positions_time_point_and_path_table(sources, tmp_path):
     cands = discover.discover_candidates(cfg.sources_dir)
     sel = {s.release_id: s for s in select.select_series(cands, cfg).selections}
     s1 = sel["1.3.6.1.4.1.9328.50.4.0001"]
-    assert s1.candidate.position in ("supine", "prone") and len(s1.fallbacks) == 1
+    assert s1.candidate.position in ("supine", "prone")
+    assert len(s1.fallbacks) == 1
     assert s1.fallbacks[0].position != s1.candidate.position
     # same seed, same choice; the choice depends on the seed
     again = {s.release_id: s for s in select.select_series(cands, cfg).selections}
@@ -57,7 +59,8 @@ def test_selection_rules_positions_time_point_and_path_table(sources, tmp_path):
     assert picks == {"supine", "prone"}
     # HNSCC: time point by study date, not folder order
     hn = sel["HN_P001"]
-    assert "2004-01-02" not in hn.reason and hn.candidate.study_key == "1.2.826.0.1.3680043.10.88.0"
+    assert "2004-01-02" not in hn.reason
+    assert hn.candidate.study_key == "1.2.826.0.1.3680043.10.88.0"
     last = {s.release_id: s for s in select.select_series(cands, _cfg(hnscc_time_point=-1)).selections}["HN_P001"]
     assert last.candidate.study_key == "1.2.826.0.1.3680043.10.88.2"
     # Path.csv: fixes the series of a patient, no fallback
@@ -65,7 +68,9 @@ def test_selection_rules_positions_time_point_and_path_table(sources, tmp_path):
     table.write_text("1.3.6.1.4.1.9328.50.4.0002/05-17-2003-Abdomen-COLONOGRAPHY-12345/3.000000-Prone-212\n")
     chosen = {s.release_id: s for s in select.select_series(cands, _cfg(path_csv=table)).selections}
     c2 = chosen["1.3.6.1.4.1.9328.50.4.0002"]
-    assert c2.candidate.position == "prone" and c2.reason == "Path.csv row" and not c2.fallbacks
+    assert c2.candidate.position == "prone"
+    assert c2.reason == "Path.csv row"
+    assert not c2.fallbacks
     # subsets: seeded, of the requested size
     sub = select.select_series(cands, _cfg(subset_sizes={"MSD_T10": 1}))
     assert sum(s.candidate.source == "MSD_T10" for s in sub.selections) == 1
@@ -77,7 +82,8 @@ def test_rerun_skips_finished_work_and_resumes_after_a_kill(sources):
     _, conv1, split1 = _run(cfg)
     snapshot = {p.relative_to(cfg.release_dir): p.read_bytes() for p in cfg.release_dir.rglob("*.nii.gz")}
     _, conv2, _ = _run(cfg)
-    assert conv2.converted == 0 and conv2.reused == conv1.converted
+    assert conv2.converted == 0
+    assert conv2.reused == conv1.converted
     # a lost record (e.g. killed before it was written): only that series is converted again
     rec = next((cfg.work_dir / "records" / "MSD_T10").glob("liver_3.json"))
     rec.unlink()
@@ -112,7 +118,8 @@ def test_table1_and_exports_with_masks(sources, tmp_path):
     _, conv, split = _run(cfg)
     t0 = table1.build_table1(cfg.release_dir, with_masks=False)
     tot = t0[(t0.source == "total") & (t0.split == "all")].iloc[0]
-    assert tot.patients == len(split.assignment) and tot.paper_patients == 1005
+    assert tot.patients == len(split.assignment)
+    assert tot.paper_patients == 1005
     assert t0[(t0.source == "COLONOG") & (t0.split == "all")].iloc[0].spacing_z_mm == pytest.approx(2.5)
     assert t0[(t0.source == "COLONOG") & (t0.split == "trainset")].iloc[0].paper_patients == 480
     masks = {"1.3.6.1.4.1.9328.50.4.0001": list(range(15, 26)),   # T8..L6: sacral lumbarization
@@ -122,14 +129,18 @@ def test_table1_and_exports_with_masks(sources, tmp_path):
         io.save_volume(_mask(labs), AFF, cfg.release_dir / split.assignment[rid] / "gt" / f"{rid}_seg.nii.gz")
     t1 = table1.build_table1(paths.for_profile("ci"), with_masks=True)
     tot = t1[(t1.source == "total") & (t1.split == "all")].iloc[0]
-    assert tot.cases_with_mask == 3 and tot.vertebrae == 11 + 8 + 8
+    assert tot.cases_with_mask == 3
+    assert tot.vertebrae == 11 + 8 + 8
     assert (tot.cervical, tot.thoracic, tot.lumbar) == (7, 1 + 5 + 4, 6 + 4)
-    assert tot.L6_cases == 1 and tot.sacralization_cases == 1 and tot.paper_vertebrae == 11172
+    assert tot.L6_cases == 1
+    assert tot.sacralization_cases == 1
+    assert tot.paper_vertebrae == 11172
     special = ctspine1k_release.find_special_cases(cfg.release_dir)
     assert special["L6"] == ["1.3.6.1.4.1.9328.50.4.0001"]
     assert special["lumbar_sacralization"] == ["1.3.6.1.4.1.9328.50.4.0002"]
     readme = ctspine1k_release.write_readme(cfg.release_dir).read_text()
-    assert "sacral lumbarization (L6 labelled as 25): 1" in readme and "1.3.6.1.4.1.9328.50.4.0001" in readme
+    assert "sacral lumbarization (L6 labelled as 25): 1" in readme
+    assert "1.3.6.1.4.1.9328.50.4.0001" in readme
 
     # nnU-Net v2: trainset cases with masks -> imagesTr/labelsTr; tests -> imagesTs
     bad = next(r for r, s in split.assignment.items() if s == "trainset" and r not in masks)
@@ -137,12 +148,16 @@ def test_table1_and_exports_with_masks(sources, tmp_path):
     ds = nnunet.export_nnunet(cfg.release_dir, tmp_path / "nnunet", 501, "CTSpine1K")
     assert ds.name == "Dataset501_CTSpine1K"
     meta = json.loads((ds / "dataset.json").read_text())
-    assert meta["labels"]["background"] == 0 and meta["labels"]["L6"] == 25 and len(meta["labels"]) == 26
-    assert meta["channel_names"] == {"0": "CT"} and meta["file_ending"] == ".nii.gz"
+    assert meta["labels"]["background"] == 0
+    assert meta["labels"]["L6"] == 25
+    assert len(meta["labels"]) == 26
+    assert meta["channel_names"] == {"0": "CT"}
+    assert meta["file_ending"] == ".nii.gz"
     train_masked = [r for r in masks if split.assignment[r] == "trainset"]
     assert meta["numTraining"] == len(train_masked)
     for r in train_masked:
-        assert (ds / "imagesTr" / f"{r}_0000.nii.gz").exists() and (ds / "labelsTr" / f"{r}.nii.gz").exists()
+        assert (ds / "imagesTr" / f"{r}_0000.nii.gz").exists()
+        assert (ds / "labelsTr" / f"{r}.nii.gz").exists()
     tests = [r for r, s in split.assignment.items() if s != "trainset"]
     assert sorted(p.name for p in (ds / "imagesTs").iterdir()) == sorted(f"{r}_0000.nii.gz" for r in tests)
     assert f"{bad}: mask shape" in (ds / "skipped.txt").read_text()
@@ -156,7 +171,8 @@ def test_table1_and_exports_with_masks(sources, tmp_path):
     rid = "1.3.6.1.4.1.9328.50.4.0001"
     f = tmp_path / "ctd" / split.assignment[rid] / f"{rid}_seg-subreg_ctd.json"
     body = json.loads(f.read_text())
-    assert body[0] == {"direction": ["P", "I", "R"]} and [d["label"] for d in body[1:]] == list(range(15, 26))
+    assert body[0] == {"direction": ["P", "I", "R"]}
+    assert [d["label"] for d in body[1:]] == list(range(15, 26))
     got = read_verse_centroids(f, AFF, SHAPE)
     m = _mask(masks[rid])
     for lab in (15, 25):
@@ -174,7 +190,8 @@ def test_metadata_age_band_and_bad_inputs_named(sources, tmp_path):
     cfg = _cfg()
     _, conv, _ = _run(cfg)
     row = conv.exclusions[conv.exclusions.release_id == "volume-covid19-A-0099_ct"].iloc[0]
-    assert row.check == "unreadable" and "gzip" in row.message
+    assert row.check == "unreadable"
+    assert "gzip" in row.message
     assert "volume-covid19-A-0014_ct" in {c.release_id for c in conv.included}
     with pytest.raises(FileNotFoundError, match="sources folder not found"):
         discover.discover_candidates(tmp_path / "nowhere")

@@ -30,9 +30,13 @@ def test_a_sacrum_counted_l6_case_is_found_dislocated_and_the_correction_is_writ
     ctx = _ctx()
     rows = failure_l6.label_shift_cases(ctx, [Case("liver_9", img, gt, "test_public", pred)], anchors="any")
     r = rows.iloc[0]
-    assert r["variant"] == "L6" and r["dislocated"] and r["offset"] == -1 and r["run_length"] >= 2
+    assert r["variant"] == "L6"
+    assert r["dislocated"]
+    assert r["offset"] == -1
+    assert r["run_length"] >= 2
     corrected = prediction_path(ctx.dir, "test_public", "liver_9", "corrected")
-    assert corrected.exists() and load_volume(corrected).shape == case.mask.shape
+    assert corrected.exists()
+    assert load_volume(corrected).shape == case.mask.shape
     assert r["correction_applied"] == (not r["dislocated_after"])
 
 
@@ -49,7 +53,11 @@ def test_correction_tables_group_cases_by_variant_and_dislocation():
     scores = failure_l6.compare_correction(before, after, shift)
     assert scores.set_index("case_id").loc["a", "dice_delta"] == 0.8 - 0.2
     summary = failure_l6.correction_summary(scores).set_index("group")
-    assert summary.loc["dislocated", "cases"] == 1 and summary.loc["normal", "dice_delta"] == 0.0
-    assert summary.loc["variant L6", "id_rate_after"] == 1.0 and summary.loc["all", "corrected"] == 1
+    assert summary.loc["dislocated", "cases"] == 1
+    assert summary.loc["normal", "dice_delta"] == 0.0
+    assert summary.loc["variant L6", "id_rate_after"] == 1.0
+    assert summary.loc["all", "corrected"] == 1
     l5 = failure_l6.label_before_after(before, after, "L5").iloc[0]
-    assert l5["cases"] == 2 and l5["dice_before"] == (0.2 + 0.9) / 2 and l5["missed_after"] == 0
+    assert l5["cases"] == 2
+    assert l5["dice_before"] == (0.2 + 0.9) / 2
+    assert l5["missed_after"] == 0

@@ -11,7 +11,8 @@ from lib.synthetic import source_plan
 def test_closing_note_states_time_per_case_at_both_scales(generated, tmp_path):
     _, report = generated
     probe = stage_sources.probe_paper_scale(slices=2)
-    assert probe["shape"] == "512x512x2" and probe["full_case_s_estimate"] > 0
+    assert probe["shape"] == "512x512x2"
+    assert probe["full_case_s_estimate"] > 0
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"when": "now", "cases": [dict(scale="paper", fov="abdomen", shape="512x512x518",
                                                                 spacing_mm="0.75, 0.75, 0.8", generate_s=15.7,
@@ -19,4 +20,6 @@ def test_closing_note_states_time_per_case_at_both_scales(generated, tmp_path):
     table = stage_sources.timing_table(report.timings)
     assert set(table["source"]) == set(source_plan.RAW_SOURCES)
     note = stage_sources.timing_note(table, bench, probe)
-    assert "s per volume" in note and "512 x 512 x 542" in note and "15.70 s per case" in note
+    assert "s per volume" in note
+    assert "512 x 512 x 542" in note
+    assert "15.70 s per case" in note

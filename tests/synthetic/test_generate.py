@@ -38,13 +38,15 @@ def test_source_layouts_mirror_the_archives(generated):
         positions = {pydicom.dcmread(next(x.glob("*.dcm")), stop_before_pixels=True).PatientPosition for x in series}
         assert positions == {"HFS", "HFP"}
     hn = sorted((s / "HNSCC").iterdir())
-    assert [d.name for d in hn] == ["HN_P001"] and len(list(hn[0].iterdir())) == 3  # three time points
+    assert [d.name for d in hn] == ["HN_P001"]
+    assert len(list(hn[0].iterdir())) == 3
     assert list((s / "MSD_T10" / "imagesTr").glob("liver_*.nii.gz"))
     assert list((s / "COVID19").glob("volume-covid19-A-0*.nii.gz"))
     for ct in (s / "VerSe" / "rawdata").glob("sub-verse*/*_ct.nii.gz"):
         stem = ct.name[: -len("_ct.nii.gz")]
         der = s / "VerSe" / "derivatives" / ct.parent.name
-        assert (der / f"{stem}_seg-vert_msk.nii.gz").exists() and (der / f"{stem}_seg-subreg_ctd.json").exists()
+        assert (der / f"{stem}_seg-vert_msk.nii.gz").exists()
+        assert (der / f"{stem}_seg-subreg_ctd.json").exists()
     # no truth next to the CTSpine1K sources: no masks, no manifest
     leaked = [f for f in s.rglob("*") if f.is_file() and "VerSe" not in f.parts
               and ("seg" in f.name or f.suffix in (".csv", ".json") and f.name != "dataset.json")]
@@ -147,7 +149,8 @@ def test_same_seed_same_bytes(tmp_path):
             generate.generate_item(dict(it, sources_root=str(tmp_path / name / "s"), oracle_root=str(tmp_path / name / "o")))
         files = sorted(f for f in (tmp_path / name).rglob("*") if f.is_file())
         trees.append({str(f.relative_to(tmp_path / name)): f.read_bytes() for f in files})
-    assert trees[0].keys() == trees[1].keys() and len(trees[0]) > 20
+    assert trees[0].keys() == trees[1].keys()
+    assert len(trees[0]) > 20
     assert all(trees[0][k] == trees[1][k] for k in trees[0])
     assert source_plan.plan_sources(_tiny_cfg()) == items
     other = source_plan.plan_sources(dict(_tiny_cfg(), seed=1))

@@ -46,7 +46,8 @@ def test_load_truth_on_a_reoriented_or_resampled_image(tmp_path):
 def test_truth_files_are_deterministic(tmp_path):
     a = oracle.write_truth(tmp_path / "a", "X", "k", _labels(), _affine(), {1: (0.0, 0.0, 0.0)})
     b = oracle.write_truth(tmp_path / "b", "X", "k", _labels(), _affine(), {1: (0.0, 0.0, 0.0)})
-    assert a[0].read_bytes() == b[0].read_bytes() and a[1].read_bytes() == b[1].read_bytes()
+    assert a[0].read_bytes() == b[0].read_bytes()
+    assert a[1].read_bytes() == b[1].read_bytes()
 
 
 def test_errors_name_what_is_missing(tmp_path):
@@ -59,7 +60,8 @@ def test_errors_name_what_is_missing(tmp_path):
     with pytest.raises(oracle.OracleError, match="phi_planted.json"):
         oracle.read_phi_planted(p)
     df = oracle.read_index(p)
-    assert list(df.columns) == list(oracle.INDEX_COLUMNS) and df.loc[0, "source_key"] == "liver_3"
+    assert list(df.columns) == list(oracle.INDEX_COLUMNS)
+    assert df.loc[0, "source_key"] == "liver_3"
 
 
 def test_variant_coverage_counts_patients_per_split():
@@ -73,6 +75,7 @@ def test_variant_coverage_counts_patients_per_split():
     split_of = {("COLONOG", "p1"): "test_public", "liver_1": "test_public", "s1_ct": "trainset",
                 ("COLONOG", "p9"): "test_public"}
     cov = oracle.variant_coverage(idx, split_of).set_index("split")
-    assert cov.loc["test_public", "L6"] == 1 and cov.loc["test_public", "L5_missing"] == 1
+    assert cov.loc["test_public", "L6"] == 1
+    assert cov.loc["test_public", "L5_missing"] == 1
     assert cov.loc["test_public", "patients"] == 2  # two series of one patient count once; low quality excluded
     assert cov.loc["trainset", "L5_missing"] == 1

@@ -42,13 +42,14 @@ def whole_cases():
     return out
 
 
-@pytest.mark.parametrize("nt,nl", [(12, 5), (11, 5), (13, 5), (12, 6), (12, 4)])
+@pytest.mark.parametrize(("nt", "nl"), [(12, 5), (11, 5), (13, 5), (12, 6), (12, 4)])
 def test_whole_spine_has_exactly_the_vertebrae_of_the_spec(whole_cases, nt, nl):
     case = whole_cases[(nt, nl)]
     present = {int(v) for v in np.unique(case.mask) if v}
     assert present == expected_labels(nt, nl)
     assert len(present) == 7 + nt + nl
-    assert case.ct.dtype == np.int16 and case.mask.dtype == np.uint8
+    assert case.ct.dtype == np.int16
+    assert case.mask.dtype == np.uint8
     assert case.ct.shape == case.mask.shape == case.tissue.shape
 
 
@@ -86,11 +87,12 @@ def test_missing_l5_means_four_lumbar_and_a_bigger_sacrum(whole_cases):
     assert 24 not in set(np.unique(l4.mask).tolist())
     sacral = [n for n in l4.info["levels"] if n.startswith("S")]
     assert "S0" in sacral  # the fused L5 segment is part of the (unlabelled) sacrum
-    assert len(sacral) == 6 and len([n for n in normal.info["levels"] if n.startswith("S")]) == 5
+    assert len(sacral) == 6
+    assert len([n for n in normal.info["levels"] if n.startswith("S")]) == 5
     assert len([n for n in whole_cases[(12, 6)].info["levels"] if n.startswith("S")]) == 4
 
 
-@pytest.mark.parametrize("fov,must,must_not", [
+@pytest.mark.parametrize(("fov", "must", "must_not"), [
     ("neck", {1, 2, 3, 4, 5, 6, 7}, set(range(20, 26))),
     ("chest", set(range(9, 19)), {1, 2, 3} | set(range(22, 26))),
     ("abdomen", {19, 20, 21, 22, 23, 24}, set(range(1, 13))),
@@ -136,7 +138,8 @@ def test_hu_ranges_per_tissue_and_filled_bodies():
 def test_lungs_air_and_contrast():
     chest = generate_case(CaseSpec(seed=4, fov="chest", spacing_mm=COARSE, noise_hu=0.0))
     lung = chest.ct[chest.tissue == T_LUNG]
-    assert lung.size > 1000 and -900 <= np.median(lung) <= -700
+    assert lung.size > 1000
+    assert -900 <= np.median(lung) <= -700
     assert (chest.ct[chest.tissue == 0] <= -990).mean() > 0.95  # air outside the body
     native = generate_case(CaseSpec(seed=4, fov="abdomen", spacing_mm=COARSE, noise_hu=0.0, contrast_phase="native"))
     portal = generate_case(CaseSpec(seed=4, fov="abdomen", spacing_mm=COARSE, noise_hu=0.0, contrast_phase="portal"))
@@ -174,7 +177,8 @@ def test_spacing_and_thick_slices_average_thin_ones():
 def test_same_seed_same_bytes_other_seed_other_patient():
     spec = CaseSpec(seed=21, fov="abdomen", spacing_mm=(4.0, 4.0, 4.0), metal=True, noise_hu=15.0)
     a, b = generate_case(spec), generate_case(spec)
-    assert a.ct.tobytes() == b.ct.tobytes() and a.mask.tobytes() == b.mask.tobytes()
+    assert a.ct.tobytes() == b.ct.tobytes()
+    assert a.mask.tobytes() == b.mask.tobytes()
     c = generate_case(CaseSpec(seed=22, fov="abdomen", spacing_mm=(4.0, 4.0, 4.0), metal=True, noise_hu=15.0))
     assert c.ct.shape != a.ct.shape or c.ct.tobytes() != a.ct.tobytes()
     # a second scan of the same patient over the same range: same anatomy, other noise
@@ -182,7 +186,8 @@ def test_same_seed_same_bytes_other_seed_other_patient():
     e = generate_case(CaseSpec(seed=21, fov="abdomen", spacing_mm=(4.0, 4.0, 4.0), noise_hu=15.0, z_range_mm=zr))
     d = generate_case(CaseSpec(seed=21, fov="abdomen", spacing_mm=(4.0, 4.0, 4.0), noise_hu=15.0, z_range_mm=zr,
                                scan_seed=1))
-    assert d.mask.tobytes() == e.mask.tobytes() and d.ct.tobytes() != e.ct.tobytes()
+    assert d.mask.tobytes() == e.mask.tobytes()
+    assert d.ct.tobytes() != e.ct.tobytes()
 
 
 def test_metal_is_bright_with_streaks():
@@ -190,7 +195,8 @@ def test_metal_is_bright_with_streaks():
                                    noise_hu=0.0))
     metal = generate_case(CaseSpec(seed=9, fov="verse_crop", crop_levels=(20, 24), spacing_mm=(2.0, 2.0, 2.0),
                                    noise_hu=0.0, metal=True))
-    assert (metal.ct >= 3000).sum() > 20 and (clean.ct >= 3000).sum() == 0
+    assert (metal.ct >= 3000).sum() > 20
+    assert (clean.ct >= 3000).sum() == 0
     diff = np.abs(metal.ct.astype(float) - clean.ct.astype(float))
     assert (diff > 100).sum() > 5 * (metal.ct >= 3000).sum()  # streaks reach beyond the metal
 
@@ -207,7 +213,8 @@ def test_paper_scale_case():
     t0 = time.perf_counter()
     case = generate_case(CaseSpec(seed=1, fov="abdomen", spacing_mm=(0.75, 0.75, 0.8), fov_xy_mm=384.0))
     dt = time.perf_counter() - t0
-    assert case.ct.shape[:2] == (512, 512) and case.ct.shape[2] > 400
+    assert case.ct.shape[:2] == (512, 512)
+    assert case.ct.shape[2] > 400
     assert {20, 21, 22, 23, 24} <= set(np.unique(case.mask).tolist())
     assert dt < 600
 
@@ -220,7 +227,8 @@ def test_scans_of_one_patient_share_anatomy_and_match_single_renders():
     pair = generate_scans([base, prone])
     for case in pair:
         single = generate_case(case.spec)
-        assert single.ct.tobytes() == case.ct.tobytes() and single.mask.tobytes() == case.mask.tobytes()
+        assert single.ct.tobytes() == case.ct.tobytes()
+        assert single.mask.tobytes() == case.mask.tobytes()
     sup, pro = pair
     assert sup.mask.tobytes() == pro.mask.tobytes()
     # gravity: the tagged fluid lies posterior (supine) or anterior (prone) in the colon

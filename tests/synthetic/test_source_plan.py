@@ -17,13 +17,15 @@ def test_synthetic_profile_plants_enough_variants():
     l6 = sum(v == "L6" for v in per_patient.values())
     l5 = sum(v == "L5_missing" for v in per_patient.values())
     # a 20 % test split of these patients holds >= 3 L6 and >= 2 missing-L5 on average
-    assert 0.2 * l6 >= 2.5 and 0.2 * l5 >= 1.8
+    assert 0.2 * l6 >= 2.5
+    assert 0.2 * l5 >= 1.8
     assert 40 <= n <= 60
     assert all(i["spec"]["fov"] == "abdomen" for i in ls if i["variant"] != "normal")
     # CTSpine1K-source patients: about 60, every source >= 6, COLONOG the majority
     pats = {(i["source"], i["patient_id"]) for i in items if i["source"] != "VerSe"}
     counts = {s: sum(1 for x in pats if x[0] == s) for s in source_plan.CTSPINE1K_SOURCES}
-    assert 50 <= sum(counts.values()) <= 70 and min(counts.values()) >= 6
+    assert 50 <= sum(counts.values()) <= 70
+    assert min(counts.values()) >= 6
     assert counts["COLONOG"] == max(counts.values())
 
 
@@ -44,7 +46,8 @@ def test_official_split_holds_the_variants_each_test_split_needs():
     rows.append(dict(source="COLONOG", patient_id="bad", source_key="uidbad", quality="low", variant="normal"))
     index = pd.DataFrame(rows)
     a = official_split(index, seed=0)
-    assert "bad" not in a and len(a) == 58
+    assert "bad" not in a
+    assert len(a) == 58
     assert a["volume-covid19-A-0000_ct"] in ("trainset", "test_public", "test_private")  # release spelling
     variant = {r.patient_id if r.source == "COLONOG" else (r.source_key + ("_ct" if r.source == "COVID19" else "")): r.variant
                for r in index.itertuples()}
@@ -53,5 +56,7 @@ def test_official_split_holds_the_variants_each_test_split_needs():
         assert sum(variant[k] == "L6" for k in ids) >= 3
         assert sum(variant[k] == "L5_missing" for k in ids) >= 2
     colonog = [s for k, s in a.items() if k.startswith("1.3.6")]
-    assert colonog.count("trainset") == 24 and colonog.count("test_public") == 8  # paper proportions 480/152/152
-    assert official_split(index, seed=0) == a and official_split(index, seed=1) != a
+    assert colonog.count("trainset") == 24
+    assert colonog.count("test_public") == 8
+    assert official_split(index, seed=0) == a
+    assert official_split(index, seed=1) != a

@@ -24,7 +24,9 @@ def test_browser_view_changes_with_slider_window_and_overlay(case):
     off = b.image.value
     b.overlay.value = False
     assert b.image.value != off
-    assert "T12" in b.dice.value and "0.000" in b.dice.value and "L5" in b.dice.value
+    assert "T12" in b.dice.value
+    assert "0.000" in b.dice.value
+    assert "L5" in b.dice.value
 
 
 def test_per_vertebra_dice_in_craniocaudal_order(case):
@@ -34,13 +36,15 @@ def test_per_vertebra_dice_in_craniocaudal_order(case):
     p = load_volume(case.prediction).array
     d = browser.per_vertebra_dice(t, p)
     assert list(d) == ["T12", "L1", "L2", "L3", "L4", "L5"]
-    assert d["T12"] == 0.0 and d["L3"] == 1.0
+    assert d["T12"] == 0.0
+    assert d["L3"] == 1.0
 
 
 def test_headless_view_and_3d_render(case, tmp_path):
     png = browser.save_view(case, tmp_path / "view.png", window="bone")
     im = np.asarray(Image.open(png).convert("RGB"))
-    assert im.shape[0] > 100 and im.std() > 10
+    assert im.shape[0] > 100
+    assert im.std() > 10
     r3 = save_figure(render3d.plot_3d(spine_mask([24, 23, 22]), (2.0, 2.0, 2.0)), tmp_path / "r3.png", dpi=90)
     im3 = np.asarray(Image.open(r3).convert("RGB")).astype(int)
     # label colours appear in the render

@@ -54,7 +54,7 @@ def lab(tmp_path):
     (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JUPYTER_CONFIG_DIR=str(tmp_path / ".jcfg"),
                JUPYTERLAB_SETTINGS_DIR=str(tmp_path / ".jlab-settings"))
-    log = open(tmp_path / "lab.log", "w")
+    log = open(tmp_path / "lab.log", "w")  # noqa: SIM115 - the server writes to it until the finally block closes it
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -27,7 +27,7 @@ def build_table1(paths_or_release_dir: ProfilePaths | str | Path, with_masks: bo
     ``paper_vertebrae`` etc. on the total row).
 
     Args:
-        paths_or_release_dir: a :class:`lib.paths.ProfilePaths` or the release folder.
+        paths_or_release_dir: a :class:`lib.core.paths.ProfilePaths` or the release folder.
         with_masks: read ``gt/`` masks (needs the annotation stage to have run).
         patterns: release-ID pattern table (default: built-in).
     """

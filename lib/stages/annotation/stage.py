@@ -169,7 +169,7 @@ def replay_truth(truth_dir: str | Path) -> TruthProvider:
 
 
 def model_predictor(device: str = "auto", tta: bool = False) -> Predictor:
-    """Pre-annotation with :func:`lib.infer.predict_case`, the model loaded once per version."""
+    """Pre-annotation with :func:`lib.ml.inference.predict_case`, the model loaded once per version."""
     cache: dict[str, object] = {}
 
     def predict(model_dir: Path, image: Path, out: Path) -> None:
@@ -185,7 +185,7 @@ def model_predictor(device: str = "auto", tta: bool = False) -> Predictor:
 def model_finetuner(max_epochs: int, lr: float | None, seed: int, device: str = "auto",
                     num_threads: int | None = None, cache_dir: Path | None = None) -> Finetuner:
     """Fine-tune from the previous round's model on every accepted trainset case
-    (:func:`lib.train.train` with ``init_from``; resumable from its checkpoints)."""
+    (:func:`lib.ml.trainer.train` with ``init_from``; resumable from its checkpoints)."""
     def finetune(cases: list[Case], init: Path, out_dir: Path, round_: int) -> Path:
         triples = [c.triple() for c in cases]
         res = trainer.train(triples, out_dir, init_from=init, max_epochs=max_epochs, lr=lr, seed=seed + round_,

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from nibabel import orientations
 
-from lib.core.parallel import CaseErrors, map_cases
+from lib.core.parallel import CaseFailuresError, map_cases
 from lib.core.paths import SPLITS
 from lib.datasets.ctspine1k.ids import (
     SOURCES,
@@ -108,12 +108,12 @@ def _sanitize(text: str, job: Mapping[str, Any]) -> str:
 
 def process_series(job: dict) -> dict:
     """Convert and measure one candidate; write its staged NIfTI and record (module-level for
-    :func:`lib.parallel.map_cases`).
+    :func:`lib.core.parallel.map_cases`).
 
     Args:
         job: ``source``, ``patient``, ``source_key``, ``kind``, ``files``, ``staged`` (output
             ``.nii.gz``), ``record`` (output ``.json``), ``deidentify``, ``check_kw``
-            (tolerances for :func:`lib.dicom.check_series`), ``fingerprint``.
+            (tolerances for :func:`lib.io.dicom_read.check_series`), ``fingerprint``.
 
     Returns:
         The record: ``status`` (``converted`` | ``fault``), ``faults`` (check, message,
@@ -309,7 +309,7 @@ def _cached(job: dict, cand: Candidate, manifest: Mapping[str, dict], cfg: Curat
 def convert_selected(sel: SelectionResult, cfg: CurationConfig, progress: bool = True) -> ConversionOutcome:
     """Convert and measure the selected series, apply the exclusion criteria, try fallbacks.
 
-    Per-series work runs through :func:`lib.parallel.map_cases` (``cfg.workers`` processes or
+    Per-series work runs through :func:`lib.core.parallel.map_cases` (``cfg.workers`` processes or
     ``cfg.scheduler``). A series whose record from an earlier run matches (same files, sizes,
     times and settings) and whose output still exists is not converted again. Structural
     faults and failed quality criteria exclude the series; when the selection has a fallback
@@ -371,7 +371,7 @@ def convert_selected(sel: SelectionResult, cfg: CurationConfig, progress: bool =
                 next_queues[rid] = queue[1:]
         queues = next_queues
     if cfg.on_error == "raise" and failures:
-        raise CaseErrors(failures)
+        raise CaseFailuresError(failures)
     included.sort(key=lambda c: (SOURCES.index(c.source) if c.source in SOURCES else 99, c.release_id))
     exc_df = pd.DataFrame(exclusions, columns=EXCLUSION_COLUMNS)
     return ConversionOutcome(included, exc_df, records, failures, reused, converted)

@@ -32,9 +32,11 @@ def test_human_import_refuses_bad_masks_and_keeps_them_queued(tmp_path):
         res = import_edited(led, 1, out, {c.case_id: c.mask.parent for c in cases}, model_version=0)
         assert res.accepted == [good]
         assert set(res.refused) == {wrong_shape, bad_label}
-        assert f"{wrong_shape}_seg.nii.gz" in res.refused[wrong_shape] and "shape" in res.refused[wrong_shape]
+        assert f"{wrong_shape}_seg.nii.gz" in res.refused[wrong_shape]
+        assert "shape" in res.refused[wrong_shape]
         assert "[99]" in res.refused[bad_label]
-        assert led.case_status(wrong_shape) == "queued" and led.case_status(bad_label) == "queued"
+        assert led.case_status(wrong_shape) == "queued"
+        assert led.case_status(bad_label) == "queued"
         assert set(led.queued()) == {wrong_shape, bad_label}
         assert len(led.events()) == 2
     assert (cases[0].mask.parent / f"{good}_seg.nii.gz").exists()

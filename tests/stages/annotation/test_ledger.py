@@ -17,4 +17,5 @@ def test_ledger_refuses_duplicates(tmp_path):
         led.record_case("a", 1, [row], "m", 0.5)
         with pytest.raises(sqlite3.IntegrityError):
             led.record_case("a", 1, [row], "m", 0.5)
-        assert len(led.entries()) == 1 and led.accepted() == ["a"]
+        assert len(led.entries()) == 1
+        assert led.accepted() == ["a"]

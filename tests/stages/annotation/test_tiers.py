@@ -47,7 +47,8 @@ def test_a_shift_missed_by_every_tier_survives_and_is_caught_otherwise(rng):
     sharp = {"junior": {"shift_catch_rate": 0.0, "boundary_residual": 0.0}, "senior": {"shift_catch_rate": 1.0}}
     res = SimulatedTiers(tiers_from_params(sharp), seed=1).annotate("c", 1, pre, truth, 0.008)
     assert np.array_equal(res[-1].mask, truth)
-    assert res[1].tier == "senior_1" and res[1].relabelled == 6  # senior relabels the shifted run
+    assert res[1].tier == "senior_1"
+    assert res[1].relabelled == 6
 
 
 def test_variant_goes_to_the_expert(rng):
@@ -57,7 +58,9 @@ def test_variant_goes_to_the_expert(rng):
             "double_check": {"sample_fraction": 0.0}}
     res = SimulatedTiers(tiers_from_params(spec), seed=0).annotate("c", 1, pre, truth, 0.008)
     assert [r.tier for r in res] == ["junior", "senior_1", "senior_2", "expert"]
-    assert res[1].sent_to_expert and res[-1].sent_to_expert and np.array_equal(res[-1].mask, truth)
+    assert res[1].sent_to_expert
+    assert res[-1].sent_to_expert
+    assert np.array_equal(res[-1].mask, truth)
     assert res[-1].minutes > res[1].minutes  # the expert's relabelling costs time
 
 
