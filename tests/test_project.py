@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import tomllib
 
 import yaml
@@ -83,3 +84,15 @@ def test_ci_calls_the_readme_test_command():
     readme = (REPO_ROOT / "README.md").read_text()
     assert "make test" in readme
     assert "make reproduce" in readme
+
+
+def test_the_tree_is_lint_clean_with_the_restructure_rules():
+    """`make lint` is part of the test run: C901 (max 15), N, SIM and PT stay selected and clean."""
+    lint = _pyproject()["tool"]["ruff"]["lint"]
+    assert {"C901", "N", "SIM", "PT"} <= set(lint["select"])
+    assert lint["mccabe"]["max-complexity"] == 15
+    ruff = REPO_ROOT / ".venv" / "bin" / "ruff"
+    cmd = [str(ruff)] if ruff.exists() else [sys.executable, "-m", "ruff"]
+    proc = subprocess.run([*cmd, "check", "--no-cache", "lib", "tests", "bench", "notebooks", "tools"],
+                          cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
