@@ -138,8 +138,6 @@ def test_case_browser_in_jupyterlab_and_report(lab):
         assert _png_diff(before, after) > 0.5, "moving the axial slider did not change the picture"
 
         # the run report
-        from lib import report
-
         rep_root = Path(os.environ["SPINE1K_RUNS"]) / "ci"
         st = rep_root / "04_benchmark"
         (st / "tables").mkdir(parents=True)
