@@ -110,6 +110,45 @@ def _read_stamp(path: Path) -> dict:
         return {}
 
 
+def _validated_params(stages: list[Stage]) -> dict[str, dict]:
+    """Every stage's parameters, validated against its notebook; all problems raised together."""
+    values: dict[str, dict] = {}
+    problems: list[str] = []
+    for st in stages:
+        try:
+            values[st.name] = _params.load_params(st.params_file, st.notebook)
+        except _params.ParamsError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise _params.ParamsError("params check failed:\n" + "\n".join(problems))
+    return values
+
+
+def _execute_stage(st: Stage, out_dir: Path, fp: str, values: dict, kernel: str | None, head: str) -> float:
+    """Execute one stage's notebook with papermill into ``out_dir``, keeping its stamp current
+    (running -> ok | failed). Returns the seconds it ran; raises :class:`StageFailedError`."""
+    import papermill as pm  # heavy (jupyter client, nbformat): only a run needs it
+
+    stamp = out_dir / STAMP
+    write_text(stamp, json.dumps({"fingerprint": fp, "status": "running"}) + "\n")
+    t0 = time.perf_counter()
+    out_nb = out_dir / f"{st.name}.ipynb"
+    try:
+        pm.execute_notebook(str(st.notebook), str(out_nb), parameters=values,
+                            kernel_name=kernel, cwd=str(REPO_ROOT), progress_bar=False,
+                            log_output=False, request_save_on_cell_execute=True)
+    except pm.PapermillExecutionError as exc:
+        secs = time.perf_counter() - t0
+        write_text(stamp, json.dumps({"fingerprint": fp, "status": "failed", "seconds": secs}) + "\n")
+        msg = (f"{head} FAILED after {secs:.0f} s in cell {exc.exec_count} "
+               f"(executed notebook: {out_nb}):\n{exc.ename}: {exc.evalue}\n--- cell source ---\n{exc.source}")
+        raise StageFailedError(msg) from None
+    secs = time.perf_counter() - t0
+    write_text(stamp, json.dumps({"fingerprint": fp, "status": "ok", "seconds": round(secs, 2),
+                                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    return secs
+
+
 def run(profile: str = "synthetic", force: bool = False, stages_spec: str | None = None,
         notebook_dir: Path | None = None, params_dir: Path | None = None, kernel: str | None = None,
         report: bool = True, log=print) -> dict:
@@ -123,22 +162,11 @@ def run(profile: str = "synthetic", force: bool = False, stages_spec: str | None
         kernel: Jupyter kernel name (default: the notebook's own, ``python3`` of this env).
         report: build ``runs/<profile>/report.html`` at the end.
     """
-    import papermill as pm  # heavy (jupyter client, nbformat): only a run needs it
-
     paths = for_profile(profile)
     all_stages = discover_stages(profile, notebook_dir, params_dir)
     if not all_stages:
         raise SystemExit(f"no notebooks found in {notebook_dir or _params.NOTEBOOK_DIR}")
-    # Validate every params file before running anything.
-    values: dict[str, dict] = {}
-    problems: list[str] = []
-    for st in all_stages:
-        try:
-            values[st.name] = _params.load_params(st.params_file, st.notebook)
-        except _params.ParamsError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise _params.ParamsError("params check failed:\n" + "\n".join(problems))
+    values = _validated_params(all_stages)  # every params file, before running anything
     selected = {s.name for s in select_stages(all_stages, stages_spec)}
     status: dict[str, str] = {}
     upstream = profile
@@ -166,22 +194,7 @@ def run(profile: str = "synthetic", force: bool = False, stages_spec: str | None
         elif resume:
             log(f"{head}: resuming its interrupted run (same notebook, params and inputs)")
         log(f"{head}: running with params/{profile}/{st.params_file.name} ...")
-        write_text(stamp, json.dumps({"fingerprint": fp, "status": "running"}) + "\n")
-        t0 = time.perf_counter()
-        out_nb = out_dir / f"{st.name}.ipynb"
-        try:
-            pm.execute_notebook(str(st.notebook), str(out_nb), parameters=values[st.name],
-                                kernel_name=kernel, cwd=str(REPO_ROOT), progress_bar=False,
-                                log_output=False, request_save_on_cell_execute=True)
-        except pm.PapermillExecutionError as exc:
-            secs = time.perf_counter() - t0
-            write_text(stamp, json.dumps({"fingerprint": fp, "status": "failed", "seconds": secs}) + "\n")
-            msg = (f"{head} FAILED after {secs:.0f} s in cell {exc.exec_count} "
-                   f"(executed notebook: {out_nb}):\n{exc.ename}: {exc.evalue}\n--- cell source ---\n{exc.source}")
-            raise StageFailedError(msg) from None
-        secs = time.perf_counter() - t0
-        write_text(stamp, json.dumps({"fingerprint": fp, "status": "ok", "seconds": round(secs, 2),
-                                      "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        secs = _execute_stage(st, out_dir, fp, values[st.name], kernel, head)
         log(f"{head}: done in {secs:.1f} s")
         status[st.name] = "ran"
     total = time.perf_counter() - t_total

@@ -41,6 +41,43 @@ def gaussian_importance(patch: Sequence[int], sigma_scale: float = 0.125) -> np.
     return w.astype(np.float32)
 
 
+def _pad_to_patch(image: np.ndarray, patch: Sequence[int], fill: float) -> tuple[np.ndarray, np.ndarray]:
+    """The image as float32, padded with ``fill`` to at least ``patch`` (centred, as in training),
+    and the offset (voxels) of the image inside the padded array."""
+    shape = np.asarray(image.shape)
+    padded = np.maximum(shape, patch)
+    off = (padded - shape) // 2
+    if not np.any(padded != shape):
+        return np.asarray(image, dtype=np.float32), off
+    img = np.full(tuple(padded), fill, dtype=np.float32)
+    img[off[0]:off[0] + shape[0], off[1]:off[1] + shape[1], off[2]:off[2] + shape[2]] = image
+    return img, off
+
+
+def _activation(name: str) -> Callable:
+    """Softmax over channels or a per-channel sigmoid."""
+    if name == "softmax":
+        def act(t):
+            return torch.softmax(t, 1)
+        return act
+    if name == "sigmoid":
+        return torch.sigmoid
+    raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {name!r}")
+
+
+def _predict_tile(net, x, act: Callable, tta_axes: Sequence[int], device, use_amp: bool):
+    """Class probabilities ``(n_classes, x, y, z)`` of one window, averaged over the mirrors."""
+    with torch.no_grad(), torch.autocast(device_type=getattr(device, "type", "cpu"), dtype=torch.float16,
+                                         enabled=use_amp):
+        prob = act(net(x).float())[0]
+        for ax in tta_axes:
+            flipped = net(torch.flip(x, dims=[2 + int(ax)])).float()
+            prob = prob + torch.flip(act(flipped)[0], dims=[1 + int(ax)])
+        if tta_axes:
+            prob = prob / (1 + len(tta_axes))
+    return prob
+
+
 def sliding_window(net, image: np.ndarray, patch: Sequence[int], n_classes: int, consume: Callable,
                    overlap: float = 0.25, sigma_scale: float = 0.125, fill: float = 0.0, device=None,
                    tta_axes: Sequence[int] = (), amp: bool = True, activation: str = "softmax",
@@ -70,13 +107,8 @@ def sliding_window(net, image: np.ndarray, patch: Sequence[int], n_classes: int,
     device = device or next(net.parameters()).device
     shape = np.asarray(image.shape)
     patch = [int(p) for p in patch]
-    padded = np.maximum(shape, patch)
-    off = (padded - shape) // 2  # an image smaller than the patch sits in its centre, as in training
-    if np.any(padded != shape):
-        img = np.full(tuple(padded), fill, dtype=np.float32)
-        img[off[0]:off[0] + shape[0], off[1]:off[1] + shape[1], off[2]:off[2] + shape[2]] = image
-    else:
-        img = np.asarray(image, dtype=np.float32)
+    img, off = _pad_to_patch(image, patch, fill)
+    padded = np.asarray(img.shape)
     nx, ny, nz = (int(v) for v in padded)
     zc = z_channel(np.arange(nz) - off[2], 0, int(shape[2])) if z_coord else None
     starts = [window_starts(int(padded[a]), patch[a], overlap) for a in range(3)]
@@ -87,13 +119,7 @@ def sliding_window(net, image: np.ndarray, patch: Sequence[int], n_classes: int,
     acc = torch.zeros((n_classes, nx, ny, 0), dtype=acc_dtype, device=device)
     wsum = torch.zeros((nx, ny, 0), dtype=torch.float32, device=device)
     use_amp = amp and getattr(device, "type", str(device)) == "cuda"
-    if activation == "softmax":
-        def act(t):
-            return torch.softmax(t, 1)
-    elif activation == "sigmoid":
-        act = torch.sigmoid
-    else:
-        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+    act = _activation(activation)
     n_win, max_buf = 0, 0
     zs = starts[2]
     emitted = 0
@@ -112,14 +138,7 @@ def sliding_window(net, image: np.ndarray, patch: Sequence[int], n_classes: int,
             else:
                 tile = tile[None]
             x = torch.from_numpy(np.ascontiguousarray(tile))[None].to(device)
-            with torch.no_grad(), torch.autocast(device_type=getattr(device, "type", "cpu"), dtype=torch.float16,
-                                                 enabled=use_amp):
-                prob = act(net(x).float())[0]
-                for ax in tta_axes:
-                    flipped = net(torch.flip(x, dims=[2 + int(ax)])).float()
-                    prob = prob + torch.flip(act(flipped)[0], dims=[1 + int(ax)])
-                if tta_axes:
-                    prob = prob / (1 + len(tta_axes))
+            prob = _predict_tile(net, x, act, tta_axes, device, use_amp)
             zl = z0 - buf_lo
             acc[:, x0:x0 + patch[0], y0:y0 + patch[1], zl:zl + patch[2]] += (prob * weight).to(acc_dtype)
             wsum[x0:x0 + patch[0], y0:y0 + patch[1], zl:zl + patch[2]] += weight
