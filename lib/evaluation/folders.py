@@ -69,6 +69,17 @@ def _nifti_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
 
 
+def _files_by_case(folder: Path, what: str) -> dict[str, Path]:
+    """The folder's NIfTI files by case id; two files with one case id are an error naming both."""
+    by_case: dict[str, Path] = {}
+    for p in _nifti_files(folder):
+        cid = case_id_of(p)
+        if cid in by_case:
+            raise ValueError(f"two {what} for case {cid!r}: {by_case[cid]} and {p}")
+        by_case[cid] = p
+    return by_case
+
+
 def match_cases(gt_dir: str | Path, pred_dir: str | Path) -> tuple[list[tuple[str, Path, Path | None]], list[Path]]:
     """Pair every truth in ``gt_dir`` with its prediction in ``pred_dir`` by case id.
 
@@ -83,19 +94,8 @@ def match_cases(gt_dir: str | Path, pred_dir: str | Path) -> tuple[list[tuple[st
         FileNotFoundError: a folder does not exist.
         ValueError: two truths or two predictions claim the same case id (both files named).
     """
-    gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
-    truths: dict[str, Path] = {}
-    for p in _nifti_files(gt_dir):
-        cid = case_id_of(p)
-        if cid in truths:
-            raise ValueError(f"two truths for case {cid!r}: {truths[cid]} and {p}")
-        truths[cid] = p
-    preds: dict[str, Path] = {}
-    for p in _nifti_files(pred_dir):
-        cid = case_id_of(p)
-        if cid in preds:
-            raise ValueError(f"two predictions for case {cid!r}: {preds[cid]} and {p}")
-        preds[cid] = p
+    truths = _files_by_case(Path(gt_dir), "truths")
+    preds = _files_by_case(Path(pred_dir), "predictions")
     pairs = [(cid, truths[cid], preds.get(cid)) for cid in sorted(truths)]
     unmatched = [preds[c] for c in sorted(set(preds) - set(truths))]
     return pairs, unmatched

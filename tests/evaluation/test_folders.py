@@ -26,6 +26,17 @@ def test_match_cases_pairs_by_id_and_lists_unmatched(folders):
     assert [p.name for p in unmatched] == ["stray.nii.gz"]
 
 
+@pytest.mark.parametrize(("side", "what"), [("gt", "truths"), ("pred", "predictions")])
+def test_two_files_with_one_case_id_are_an_error_naming_both(folders, side, what):
+    gt_dir, pred_dir = folders
+    folder, name_ = (gt_dir, "HN_P000.nii.gz") if side == "gt" else (pred_dir, "HN_P000_seg.nii")
+    save_volume(np.zeros((4, 4, 4), np.uint8), AFFINE, folder / name_)
+    with pytest.raises(ValueError, match=f"two {what} for case 'HN_P000'") as err:
+        evaluate.match_cases(gt_dir, pred_dir)
+    assert name_ in str(err.value)
+    assert str(folder) in str(err.value)
+
+
 def test_identical_names_are_accepted(tmp_path):
     gt = _truth(4)
     save_volume(gt, AFFINE, tmp_path / "gt" / "liver_7.nii.gz")
