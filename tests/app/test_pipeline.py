@@ -12,8 +12,9 @@ from lib.core.params import ParamsError
 
 def _nb(path, params_src, body):
     cells = [
-        {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": params_src, "outputs": [], "execution_count": None},
-        {"cell_type": "code", "metadata": {}, "source": body, "outputs": [], "execution_count": None},
+        {"cell_type": "code", "id": "parameters", "metadata": {"tags": ["parameters"]}, "source": params_src,
+         "outputs": [], "execution_count": None},
+        {"cell_type": "code", "id": "body", "metadata": {}, "source": body, "outputs": [], "execution_count": None},
     ]
     nb = {"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
           "nbformat": 4, "nbformat_minor": 5}
