@@ -6,7 +6,6 @@ import csv
 import hashlib
 import io
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +64,3 @@ def init_state(net, state: dict[str, Any], source: str) -> list[str]:
     if missing and len(missing) == len(own):
         raise ValueError(f"{source}: no weights match the network")
     return skipped + missing
-
-
-def copy_model(src_dir: str | Path, dst_dir: str | Path) -> Path:
-    """Copy a trained model's ``model.pt``, ``plan.json`` (and log/curves) to another folder."""
-    src, dst = Path(src_dir), Path(dst_dir)
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in ("model.pt", "plan.json", "train_log.csv", "training_curves.png"):
-        if (src / name).exists():
-            with atomic_path(dst / name) as tmp:
-                shutil.copyfile(src / name, tmp)
-    return dst

@@ -55,10 +55,6 @@ from lib.io.nifti import load_volume
 from lib.ml.networks import build_network, count_parameters
 from lib.ml.plans import PROFILE_KINDS, Plan, StagePlan, divisibility, validate_plan
 
-# Activation-memory budgets in "voxel x feature" units (batch included), see estimate_memory().
-# paper: what nnU-Net's 3d_fullres reference (128^3 patch, batch 2, filters 32..320) needs.
-_PAPER_FILTERS = (32, 64, 128, 256, 320, 320)
-
 
 def fingerprint_case(item: tuple[str, str, str]) -> dict[str, Any]:
     """Fingerprint one ``(case_id, image_path, mask_path)`` case (module level: runs in workers).

@@ -7,15 +7,13 @@ ordinal encoding of :func:`encode_levels`, ``foreground``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from lib.imaging.resampling import resample_image, resample_labels, resampled_shape
-from lib.ml.plans import Plan, StagePlan
+from lib.ml.plans import Plan
 
 
 def normalize_ct(hu: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
@@ -68,25 +66,6 @@ def mask_to_classes(mask: np.ndarray, plan: Plan, task: str, path: str | Path = 
         raise ValueError(f"{path}: label values {bad} are not in the plan's labels {plan.labels} "
                          f"(map them with label_map)")
     return out
-
-
-def preprocess_arrays(ct: np.ndarray, mask: np.ndarray | None, spacing: Sequence[float], plan: Plan,
-                      stage: StagePlan, mask_path: str | Path = "<mask>") -> tuple[np.ndarray, np.ndarray | None]:
-    """Resample and normalise one case (RAS arrays) for a stage.
-
-    Returns:
-        ``(image float32, classes uint8 or None)`` on the stage's grid.
-    """
-    new_shape = resampled_shape(ct.shape, spacing, stage.spacing_mm)
-    img = normalize_ct(ct, plan.normalization)
-    if tuple(img.shape) != new_shape:
-        img = resample_image(img, new_shape)
-    seg = None
-    if mask is not None:
-        seg = mask_to_classes(mask, plan, stage.task, mask_path)
-        if tuple(seg.shape) != new_shape:
-            seg = resample_labels(seg, new_shape)
-    return img, seg
 
 
 SOFT_MAX = 255

@@ -35,7 +35,6 @@ from lib.viz.preview import preview_3d
 from lib.viz.render3d import plot_3d
 
 STAGE = "04_benchmark"
-SET_NAMES = ("test_public", "test_private", "Test_VerSe")
 
 
 def start(namespace: dict) -> StageContext:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
@@ -112,11 +111,6 @@ def read_phi_planted(paths: ProfilePaths) -> dict:
     if not path.exists():
         raise OracleError(f"{path}: no planted-identifier list; run 00_sources for profile {paths.profile!r}")
     return json.loads(path.read_text())
-
-
-def nifti_header_affine(path: Path) -> np.ndarray:
-    """Affine of a NIfTI file without reading its voxels (used to check geometry cheaply)."""
-    return np.asarray(nib.load(str(path)).affine, float)
 
 
 def variant_coverage(index: pd.DataFrame, split_of: dict) -> pd.DataFrame:

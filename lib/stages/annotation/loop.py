@@ -8,7 +8,6 @@ Resumable: every random draw is seeded by (seed, case, round).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from lib.core.cases import Case
 from lib.core.paths import SPLITS
 from lib.core.seeding import stable_seed
 from lib.imaging.label_shift import variant_of
-from lib.io import Volume, load_volume, save_like, write_text
+from lib.io import Volume, load_volume, save_like
 from lib.metrics.overlap import mean_vertebra_dice
 from lib.stages.annotation.ledger import Ledger, now
 from lib.stages.annotation.tiers import TIERS, SimulatedTiers
@@ -158,7 +157,3 @@ def special_cases(ledger: Ledger) -> dict[str, list[str]]:
         if v in out:
             out[v].append(cid)
     return {k: sorted(v) for k, v in out.items()}
-
-
-def dump_json(obj, path: Path) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
