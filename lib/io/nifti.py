@@ -202,10 +202,12 @@ def load_volume(path: str | Path, canonical: bool = True, dtype=None) -> Volume:
 
 
 def nifti_bytes(array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None,
-                compress: bool = True, descrip: str = "", aux_file: str = "", extension_text: str = "") -> bytes:
+                compress: bool = True, descrip: str = "", aux_file: str = "", extension_text: str = "",
+                xform_codes: tuple[int, int] = (1, 1)) -> bytes:
     """A NIfTI-1 file as bytes: the one encoder behind every NIfTI the workspace writes.
 
-    The header's sform and qform are both set to ``affine`` (code 1, scanner), units mm; only
+    The header's sform and qform are both set to ``affine`` with ``xform_codes`` = (sform code,
+    qform code), by default (1, 1) (scanner), units mm; only
     geometry/dtype fields are carried over from ``header``, never its free-text fields. Text
     (``descrip``, ``aux_file``, a comment extension) is written only when passed explicitly:
     the synthetic sources plant identifiers that way, and curation with de-identification off
@@ -217,8 +219,8 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header 
     if header is not None:
         hdr.set_xyzt_units(*header.get_xyzt_units())
     img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64), header=hdr)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=int(xform_codes[0]))
+    img.set_qform(affine, code=int(xform_codes[1]))
     img.header.set_data_dtype(arr.dtype)
     img.header["descrip"] = descrip.encode("latin-1", "replace")[:79]
     img.header["aux_file"] = aux_file.encode("latin-1", "replace")[:23]
@@ -233,25 +235,36 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header 
 
 
 def save_volume(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype=None,
-                header: nib.Nifti1Header | None = None, **text: str) -> Path:
+                header: nib.Nifti1Header | None = None, xform_codes: tuple[int, int] = (1, 1), **text: str) -> Path:
     """Atomically save ``array`` with ``affine`` as NIfTI (compressed when the name ends ``.gz``).
 
-    Encoded by :func:`nifti_bytes` (sform = qform = ``affine``, code 1; no free-text header
-    fields unless ``descrip`` / ``aux_file`` / ``extension_text`` are given).
+    Encoded by :func:`nifti_bytes` (sform = qform = ``affine``, codes ``xform_codes``, default 1;
+    no free-text header fields unless ``descrip`` / ``aux_file`` / ``extension_text`` are given).
     """
     arr = np.asarray(array)
     if dtype is not None:
         arr = arr.astype(dtype, copy=False)
-    data = nifti_bytes(arr, affine, header, compress=str(path).endswith(".gz"), **text)
+    data = nifti_bytes(arr, affine, header, compress=str(path).endswith(".gz"), xform_codes=xform_codes, **text)
     with atomic_write(path, "wb") as fh:
         fh.write(data)
     return Path(path)
 
 
+def xform_codes_of(header: nib.Nifti1Header | None) -> tuple[int, int]:
+    """``(sform code, qform code)`` of a NIfTI header; (1, 1) when it has neither (no header, or
+    both codes 0: the affine then came from the voxel sizes alone and is written as scanner)."""
+    if header is None or "sform_code" not in header:
+        return (1, 1)
+    codes = (int(header["sform_code"]), int(header["qform_code"]))
+    return codes if any(codes) else (1, 1)
+
+
 def save_like(array: np.ndarray, ref: Volume, path: str | Path, dtype=None) -> Path:
-    """Save an array in ``ref``'s canonical order back in ``ref``'s original order and affine."""
+    """Save an array in ``ref``'s canonical order back in ``ref``'s original order and affine,
+    with ``ref``'s sform / qform codes (a prediction keeps its input's, e.g. sform 2, qform 0)."""
     if tuple(array.shape) != ref.shape:
         raise ValueError(f"{path}: array shape {array.shape} differs from reference {ref.shape} ({ref.path})")
-    return save_volume(ref.to_original(array), ref.original_affine, path, dtype=dtype, header=ref.header)
+    return save_volume(ref.to_original(array), ref.original_affine, path, dtype=dtype, header=ref.header,
+                       xform_codes=xform_codes_of(ref.header))
 
 

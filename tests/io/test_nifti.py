@@ -120,3 +120,21 @@ def test_strip_nifti_suffix_keeps_dotted_release_ids():
     assert io.strip_nifti_suffix("1.3.6.1.4.1.9328.50.4.0001.nii.gz") == "1.3.6.1.4.1.9328.50.4.0001"
     assert io.strip_nifti_suffix("1.3.6.1.4.1.9328.50.4.0001") == "1.3.6.1.4.1.9328.50.4.0001"
     assert io.strip_nifti_suffix("dir/HN_P001_seg.nii") == "HN_P001_seg"
+
+
+@pytest.mark.parametrize(("sform", "qform"), [(2, 0), (1, 1), (0, 1), (4, 2)])
+def test_save_like_keeps_the_input_xform_codes(tmp_path, rng, sform, qform):
+    """A prediction is written with its input's sform / qform codes (a scanner's sform 2 /
+    qform 0 file is not turned into 1 / 1), in the input's orientation and affine."""
+    aff = np.array([[0.0, 0.0, -1.5, 90.0], [-0.8, 0.0, 0.0, 120.0], [0.0, -0.8, 0.0, 60.0], [0, 0, 0, 1]])  # PIR
+    img = nib.Nifti1Image(rng.integers(-1000, 1000, (6, 5, 4)).astype(np.int16), aff)
+    img.set_sform(aff, code=sform)
+    img.set_qform(aff, code=qform)
+    src = tmp_path / "ct.nii.gz"
+    nib.save(img, str(src))
+    ref = io.load_volume(src)
+    out = io.save_like(np.ones(ref.shape, np.uint8), ref, tmp_path / "pred.nii.gz", dtype=np.uint8)
+    back = nib.load(str(out))
+    assert (int(back.header["sform_code"]), int(back.header["qform_code"])) == (sform, qform)
+    np.testing.assert_allclose(back.affine, aff, atol=1e-5)
+    assert back.shape == (6, 5, 4)
