@@ -277,7 +277,25 @@ def check_all(profiles=None) -> list[str]:
         for stage in stages:
             if not (pdir / f"{stage}.yaml").exists():
                 problems.append(f"{pdir}/{stage}.yaml: missing (notebooks/{stage}.ipynb has no params in profile {pdir.name})")
+    for stage in stages:
+        problems += papermill_blind_spots(notebook_path(stage))
     return problems
+
+
+def papermill_blind_spots(nb_path: str | Path) -> list[str]:
+    """Parameters of a notebook's ``parameters`` cell that papermill's own parser does not see.
+
+    Papermill reads the cell with a regular expression of its own (``papermill.inspect_notebook``);
+    a line it cannot parse (e.g. a comment holding ``=``) is silently left out, and a value given
+    for that name is then injected as an "unknown parameter" with only a warning. Each such name
+    is a problem naming the notebook, the line and the comment.
+    """
+    import papermill  # heavy: only check-params needs it
+
+    specs = notebook_parameters(nb_path)
+    seen = set(papermill.inspect_notebook(str(nb_path)))
+    return [f"{nb_path}: papermill does not see parameter {name!r} (its line cannot be parsed by papermill; "
+            f"comment: {spec.help!r}; avoid '=' in parameter comments)" for name, spec in specs.items() if name not in seen]
 
 
 def main(argv=None) -> int:

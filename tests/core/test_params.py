@@ -91,3 +91,20 @@ def test_choice_types_reject_other_values_and_match_their_sources(tmp_path):
     assert params.load_params(pf, nb) == {"profile": "ci", "hd95": "max"}
     assert set(typing.get_args(params.HD95)) == set(HD95_DEFINITIONS)
     assert set(typing.get_args(params.Profile)) == set(paths.PROFILES)
+
+
+def test_check_params_reports_a_parameter_papermill_cannot_see(tmp_path):
+    """Papermill skips a parameters line whose comment holds '=' (its own regular expression);
+    the value would be injected as an unknown parameter with a warning only."""
+    bad = 'seed: int = 0  # the seed\nexpected_verse: int = 319  # VerSe 2020 = 319 CT series\n'
+    nb_path = _notebook(tmp_path / "00_x.ipynb", bad)
+    nb = json.loads(nb_path.read_text())
+    nb["metadata"]["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb_path.write_text(json.dumps(nb))
+    problems = params.papermill_blind_spots(nb_path)
+    assert len(problems) == 1
+    assert "'expected_verse'" in problems[0]
+    assert str(nb_path) in problems[0]
+    nb["cells"][1]["source"] = bad.replace("2020 = 319", "2020: 319")
+    nb_path.write_text(json.dumps(nb))
+    assert params.papermill_blind_spots(nb_path) == []
