@@ -12,7 +12,7 @@ Arrays are label maps of any integer (or bool) dtype, axes ``(x, y, z)`` as load
 """
 
 from lib.metrics.case import evaluate_case
-from lib.metrics.centroids import centroids_mm
+from lib.metrics.centroids import CENTROID_METHODS, body_centroids_mm, centroids_mm
 from lib.metrics.conventions import (
     DETECTED,
     FALSE_POSITIVE,
@@ -22,7 +22,10 @@ from lib.metrics.conventions import (
     SPINE_NAME,
 )
 from lib.metrics.identification import (
+    DEFAULT_IDENTIFICATION_RULE,
     IDENTIFICATION_MAX_DIST_MM,
+    IDENTIFICATION_RULES,
+    check_identification_rule,
     identification,
     identification_rate,
 )
@@ -41,9 +44,9 @@ from lib.metrics.surface import (
 )
 
 __all__ = [
-    "DEFAULT_NSD_TOLERANCE_MM", "DETECTED", "FALSE_POSITIVE", "HD95_DEFINITIONS", "IDENTIFICATION_MAX_DIST_MM",
+    "CENTROID_METHODS", "DEFAULT_IDENTIFICATION_RULE", "DEFAULT_NSD_TOLERANCE_MM", "DETECTED", "FALSE_POSITIVE", "HD95_DEFINITIONS", "IDENTIFICATION_MAX_DIST_MM", "IDENTIFICATION_RULES", "check_identification_rule",
     "METHODS", "METRIC_COLUMNS", "MISSED", "SPINE_LABEL", "SPINE_NAME", "assd_from_distances",
-    "centroids_mm", "check_hd95_definition", "compare_masks", "dice", "dice_from_counts", "dice_per_label",
+    "body_centroids_mm", "centroids_mm", "check_hd95_definition", "compare_masks", "dice", "dice_from_counts", "dice_per_label",
     "evaluate_case", "hd95_from_distances", "identification", "identification_rate", "mean_vertebra_dice",
     "nsd_from_distances", "surface_distances", "surface_voxels",
 ]

@@ -11,7 +11,7 @@ definitions: :mod:`lib.metrics.overlap`, :mod:`lib.metrics.surface`,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,9 +29,20 @@ from lib.metrics.arrays import (
     touching,
     union_box,
 )
-from lib.metrics.centroids import affine_for, centroid_sums, to_world
+from lib.metrics.centroids import (
+    CENTROID_METHODS,
+    affine_for,
+    body_centroids_mm,
+    centroid_sums,
+    to_world,
+)
 from lib.metrics.conventions import DETECTED, FALSE_POSITIVE, MISSED, SPINE_LABEL, SPINE_NAME
-from lib.metrics.identification import IDENTIFICATION_MAX_DIST_MM, identification
+from lib.metrics.identification import (
+    DEFAULT_IDENTIFICATION_RULE,
+    IDENTIFICATION_MAX_DIST_MM,
+    check_identification_rule,
+    identification,
+)
 from lib.metrics.overlap import dice_from_counts
 from lib.metrics.surface import (
     DEFAULT_NSD_TOLERANCE_MM,
@@ -98,7 +109,9 @@ def evaluate_case(gt: np.ndarray, pred: np.ndarray, spacing_mm: Sequence[float],
                   nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
                   affine: np.ndarray | None = None,
                   max_dist_mm: float = IDENTIFICATION_MAX_DIST_MM,
-                  include_spine: bool = True, method: str = "kdtree") -> list[dict]:
+                  include_spine: bool = True, method: str = "kdtree",
+                  identification_rule: str = DEFAULT_IDENTIFICATION_RULE, centroids: str = "body",
+                  gt_centroids: Mapping[int, Sequence[float]] | None = None) -> list[dict]:
     """Every metric of one case, per vertebra label and for the binary spine.
 
     Args:
@@ -115,6 +128,14 @@ def evaluate_case(gt: np.ndarray, pred: np.ndarray, spacing_mm: Sequence[float],
         max_dist_mm: identification distance limit (VerSe: 20 mm).
         include_spine: add the binary-spine row (``label 0``, ``name "spine"``).
         method: nearest-surface search, ``"kdtree"`` (default, faster here) or ``"edt"``.
+        identification_rule: ``"verse_get_hits"`` (default, the official VerSe evaluator) or
+            ``"nearest_prediction"`` (:mod:`lib.metrics.identification`).
+        centroids: how centroids are taken from the masks: ``"body"`` (default: vertebral-body
+            centroids, VerSe's convention, :func:`lib.metrics.body_centroids_mm`) or ``"mass"``
+            (centre of mass of the whole label).
+        gt_centroids: the truth's own centroids ``{label: (x, y, z)}`` in world mm (a VerSe
+            ``_ctd.json``); when given they replace the truth side's estimate (labels the file
+            lacks keep the estimate from the mask).
 
     Returns:
         One dict per label present in truth or prediction (in ``labels`` order), then the
@@ -125,12 +146,16 @@ def evaluate_case(gt: np.ndarray, pred: np.ndarray, spacing_mm: Sequence[float],
         ``gt_centroid_mm`` and ``pred_centroid_mm`` (tuples or None).
 
     Raises:
-        ValueError: shapes differ, spacing invalid, unknown HD95 definition or method.
+        ValueError: shapes differ, spacing invalid, unknown HD95 definition, method, rule or
+            centroid method.
         TypeError: a float label map.
     """
     check_hd95_definition(hd95)
+    check_identification_rule(identification_rule)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if centroids not in CENTROID_METHODS:
+        raise ValueError(f"unknown centroid method {centroids!r}; expected one of {CENTROID_METHODS}")
     gt = as_label_map(gt, "truth")
     pred = as_label_map(pred, "prediction")
     if gt.shape != pred.shape:
@@ -143,9 +168,14 @@ def evaluate_case(gt: np.ndarray, pred: np.ndarray, spacing_mm: Sequence[float],
         return []
     spine = _SpineSurface() if include_spine else None
     per_label = _scan_labels(gt, pred, fg, set(labels), spacing, method, spine)
-    gt_c = {v: to_world(s[0].index_sum / s[0].voxels, aff) for v, s in per_label.items() if s[0].voxels}
-    pred_c = {v: to_world(s[1].index_sum / s[1].voxels, aff) for v, s in per_label.items() if s[1].voxels}
-    ident = identification(gt_c, pred_c, max_dist_mm=max_dist_mm)
+    if centroids == "body":
+        gt_c, pred_c = body_centroids_mm(gt, aff), body_centroids_mm(pred, aff)
+    else:
+        gt_c = {v: to_world(s[0].index_sum / s[0].voxels, aff) for v, s in per_label.items() if s[0].voxels}
+        pred_c = {v: to_world(s[1].index_sum / s[1].voxels, aff) for v, s in per_label.items() if s[1].voxels}
+    if gt_centroids is not None:
+        gt_c.update({int(v): tuple(float(x) for x in c) for v, c in gt_centroids.items() if int(v) in gt_c})
+    ident = identification(gt_c, pred_c, max_dist_mm=max_dist_mm, rule=identification_rule)
     rows: list[dict] = []
     for v in labels:
         if v not in per_label:
