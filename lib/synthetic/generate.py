@@ -175,7 +175,8 @@ def _write_dicom_image(item: dict, case, src_root: Path, thick: float) -> _Writt
 
 
 def _write_verse_derivatives(item: dict, case, src_root: Path, aff: np.ndarray, shape: tuple[int, ...]) -> None:
-    """Write a VerSe scan's mask (on another grid when ``mask_zoom``) and centroid file.
+    """Write a VerSe scan's mask (on another grid when ``mask_zoom``) and centroid file (the true
+    vertebral-body centroids, as VerSe's ``_ctd.json`` holds).
 
     Args:
         item: the planned VerSe item.
@@ -194,7 +195,7 @@ def _write_verse_derivatives(item: dict, case, src_root: Path, aff: np.ndarray, 
         m_arr = resample_labels_to(case.mask, case.affine, m_shape, m_aff)
     m_out, m_out_aff = reorient_array(m_arr, m_aff, item["axcodes"])
     save_volume(m_out.astype(np.uint8), m_out_aff, der / f"{stem}_seg-vert_msk.nii.gz")
-    write_verse_centroids(der / f"{stem}_seg-subreg_ctd.json", case.centroids, aff, shape)
+    write_verse_centroids(der / f"{stem}_seg-subreg_ctd.json", case.body_centroids, aff, shape)
 
 
 def _write_nifti_image(item: dict, case, src_root: Path) -> _WrittenImage:
@@ -252,7 +253,8 @@ def _write_item(item: dict, case, t_gen: float) -> dict:
         img = _write_dicom_image(item, case, src_root, thick)
     else:
         img = _write_nifti_image(item, case, src_root)
-    mpath, cpath = write_truth(orc_root, item["source"], img.key, img.truth_mask, img.truth_aff, case.centroids)
+    mpath, cpath = write_truth(orc_root, item["source"], img.key, img.truth_mask, img.truth_aff, case.centroids,
+                               case.body_centroids)
     row = _index_row(item, case, img, thick, mpath, cpath, orc_root)
     timing = dict(item_id=item["item_id"], source=item["source"], voxels=int(np.prod(img.shape)),
                   generate_s=0.0, write_s=0.0)

@@ -10,7 +10,9 @@ stays as blind as a real one:
   oracle folder), ``image_path`` (relative to the sources folder).
 * ``<SOURCE>/<source_key>_seg.nii.gz`` - the truth label map in the same world geometry as
   the source volume (for DICOM: the series' own grid, every slice including dropped ones).
-* ``<SOURCE>/<source_key>_ctd.json`` - truth centroids ``{label: [x, y, z]}`` in world mm (RAS).
+* ``<SOURCE>/<source_key>_ctd.json`` - truth centroids in world mm (RAS): ``centroids`` (centre of
+  mass of each label) and ``body_centroids`` (vertebral-body centroids, VerSe's convention),
+  each ``{label: [x, y, z]}``.
 * ``phi_planted.json`` - every planted identifying string, for curation's PHI audit.
 """
 
@@ -45,12 +47,21 @@ def truth_paths(oracle_root: Path, source: str, source_key: str) -> tuple[Path, 
 
 
 def write_truth(oracle_root: Path, source: str, source_key: str, mask: np.ndarray, affine: np.ndarray,
-                centroids: dict[int, tuple[float, float, float]]) -> tuple[Path, Path]:
-    """Write a truth mask (uint8, array order of ``affine``) and its world centroids atomically."""
+                centroids: dict[int, tuple[float, float, float]],
+                body_centroids: dict[int, tuple[float, float, float]] | None = None) -> tuple[Path, Path]:
+    """Write a truth mask (uint8, array order of ``affine``) and its world centroids atomically:
+    ``centroids`` (each label's centre of mass) and ``body_centroids`` (the true vertebral-body
+    centroids, VerSe's convention), both ``{label: [x, y, z]}`` in RAS world mm."""
     mpath, cpath = truth_paths(oracle_root, source, source_key)
     save_volume(np.asarray(mask, np.uint8), affine, mpath)
-    body = {str(int(k)): [round(float(c), 4) for c in v] for k, v in sorted(centroids.items())}
-    write_text(cpath, json.dumps({"space": "RAS world mm", "centroids": body}, indent=1))
+
+    def as_json(c):
+        return {str(int(k)): [round(float(x), 4) for x in v] for k, v in sorted(c.items())}
+
+    doc = {"space": "RAS world mm", "centroids": as_json(centroids)}
+    if body_centroids is not None:
+        doc["body_centroids"] = as_json(body_centroids)
+    write_text(cpath, json.dumps(doc, indent=1))
     return mpath, cpath
 
 
@@ -74,11 +85,22 @@ def _row(paths: ProfilePaths, source: str, source_key: str) -> pd.Series:
     return hit.iloc[0]
 
 
-def load_centroids(paths: ProfilePaths, source: str, source_key: str) -> dict[int, tuple[float, float, float]]:
-    """Truth centroids {label: (x, y, z) world mm, RAS} of one source volume."""
+def load_centroids(paths: ProfilePaths, source: str, source_key: str,
+                   kind: str = "mass") -> dict[int, tuple[float, float, float]]:
+    """Truth centroids {label: (x, y, z) world mm, RAS} of one source volume: ``kind="mass"``
+    each label's centre of mass, ``"body"`` the true vertebral-body centroids.
+
+    Raises:
+        OracleError: no truth for the volume, or no body centroids in its file (an oracle
+        written before they were recorded: re-run 00_sources).
+    """
     row = _row(paths, source, source_key)
-    data = json.loads((Path(paths.oracle) / row["centroids_path"]).read_text())
-    return {int(k): tuple(float(c) for c in v) for k, v in data["centroids"].items()}
+    path = Path(paths.oracle) / row["centroids_path"]
+    data = json.loads(path.read_text())
+    key = {"mass": "centroids", "body": "body_centroids"}[kind]
+    if key not in data:
+        raise OracleError(f"{path}: no {key!r}; re-run 00_sources for profile {paths.profile!r}")
+    return {int(k): tuple(float(c) for c in v) for k, v in data[key].items()}
 
 
 def load_truth(paths: ProfilePaths, source: str, source_key: str, target: Volume) -> np.ndarray:

@@ -36,6 +36,7 @@ from __future__ import annotations
 from lib.synthetic.phantom.anatomy import Anatomy, Segment, build_anatomy
 from lib.synthetic.phantom.bone import anat_scale
 from lib.synthetic.phantom.scan import (
+    body_centroids,
     compute_centroids,
     generate_case,
     generate_scans,
@@ -75,6 +76,6 @@ __all__ = [
     "T_AIR", "T_BLOOD", "T_BRAIN", "T_CANC", "T_CART", "T_CORT", "T_DISC", "T_FAT", "T_FLUID", "T_GAS",
     "T_LUNG", "T_METAL", "T_MUSCLE", "T_ORGAN", "T_TABLE",
     "Anatomy", "CaseSpec", "PhantomCase", "Segment",
-    "anat_scale", "build_anatomy", "compute_centroids", "generate_case", "generate_scans", "plan_grid",
+    "anat_scale", "body_centroids", "build_anatomy", "compute_centroids", "generate_case", "generate_scans", "plan_grid",
     "retain_heap", "with_spec",
 ]

@@ -103,19 +103,47 @@ def _vertebra_parts(sg: Segment, disc_above: float, disc_below: float):
     return parts, dict(vc=vc, ha=ha, wa0=wa0, tip=tip)
 
 
-def _sdf_vertebra(sg: Segment, u, v, w, parts, geo):
-    """Union SDF of one vertebra (C2..L6) in local coordinates."""
-    d = sg.d
+def _sdf_body(d: dict, u, v, w):
+    """SDF of a vertebral body (C2..L6) in local coordinates: a waisted elliptic cylinder with a
+    flattened posterior wall, concave endplates and rounded rims."""
     a, b, h = d["a"], d["b"], d["h"]
-    cw, cd, t = d["cw"], d["cd"], d["t"]
-    vc, ha, wa0 = geo["vc"], geo["ha"], geo["wa0"]
-    # body: waisted elliptic cylinder, flattened posterior wall, concave endplates, rounded rims
     rad2 = (u / a) ** 2 + (v / b) ** 2
     waist = 1.0 - 0.07 * (1.0 - np.minimum((2.0 * w / h) ** 2, 1.0))
     d2 = np.maximum(sd_ellipse(u, v, a * waist, b * waist), -(v + 0.85 * b))
     dz = np.abs(w) - h / 2 + 0.9 * np.maximum(1.0 - rad2, 0.0)
     r = 1.5
-    sd = extrude(d2 + r, dz + r) - r
+    return extrude(d2 + r, dz + r) - r
+
+
+def _sdf_dens(sg: Segment, u, v, w):
+    """SDF of the dens of C2 (the odontoid process, part of C2's body) in local coordinates."""
+    h, s = sg.d["h"], anat_scale(sg)
+    return sd_segment(u, v, w, (0, 0.5, h / 2 - 3), (0, 1.0, h / 2 + 14 * s)) - 5.0 * s
+
+
+def body_points_local(sg: Segment, step_mm: float = 0.5) -> np.ndarray:
+    """Points (n, 3) of a ``step_mm`` grid inside the vertebral body of ``sg`` (C2..L6; C2's with
+    its dens), in its local (u, v, w) frame: the solid whose centre of mass is the VerSe-style
+    body centroid."""
+    d = sg.d
+    a, b, h = d["a"], d["b"], d["h"]
+    top = h / 2 + (14 * anat_scale(sg) + 5.0 * anat_scale(sg) if sg.name == "C2" else 0.0)
+    axes = [np.arange(lo - 1.0, hi + 1.0 + step_mm / 2, step_mm, dtype=np.float32)
+            for lo, hi in ((-a, a), (-b, b), (-h / 2, top))]
+    u, v, w = np.meshgrid(*axes, indexing="ij")
+    sd = _sdf_body(d, u, v, w)
+    if sg.name == "C2":
+        sd = np.minimum(sd, _sdf_dens(sg, u, v, w))
+    inside = sd < 0
+    return np.stack([u[inside], v[inside], w[inside]], axis=1).astype(np.float64)
+
+
+def _sdf_vertebra(sg: Segment, u, v, w, parts, geo):
+    """Union SDF of one vertebra (C2..L6) in local coordinates."""
+    d = sg.d
+    cw, cd, t = d["cw"], d["cd"], d["t"]
+    vc, ha, wa0 = geo["vc"], geo["ha"], geo["wa0"]
+    sd = _sdf_body(d, u, v, w)
     # posterior arch ring around the canal, sheared so laminae slope caudally
     wl = w - (wa0 + d["shear"] * np.minimum(v - vc, 0.0))
     ring = np.maximum(sd_ellipse(u, v - vc, cw + t, cd + t), -sd_ellipse(u, v - vc, cw, cd))
@@ -132,7 +160,7 @@ def _sdf_vertebra(sg: Segment, u, v, w, parts, geo):
     canal = sd_ellipse(u, v - vc, cw, cd)
     sd = np.maximum(sd, -canal)
     if sg.name == "C2":
-        sd = np.minimum(sd, sd_segment(u, v, w, (0, 0.5, h / 2 - 3), (0, 1.0, h / 2 + 14 * anat_scale(sg))) - 5.0 * anat_scale(sg))
+        sd = np.minimum(sd, _sdf_dens(sg, u, v, w))
     return sd
 
 

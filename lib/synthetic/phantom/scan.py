@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from lib.synthetic.phantom.anatomy import Anatomy, body_profile, build_anatomy
-from lib.synthetic.phantom.bone import composite_bone, render_skeleton
+from lib.synthetic.phantom.bone import body_points_local, composite_bone, render_skeleton
 from lib.synthetic.phantom.canvas import Canvas
 from lib.synthetic.phantom.soft_tissue import (
     COLON_RADIUS_MM,
@@ -243,13 +243,15 @@ def _generate_scans(specs: list[CaseSpec], block_slices: int | None) -> list[Pha
             cts[i][:, :, k0:k1] = _acquire(hu, s, centre, n_w, k0, (sx, sy))
             tissues[i][:, :, k0:k1] = tis[:, :, centre]
     centroids = compute_centroids(mask, aff)
+    bodies = body_centroids(anat, centroids, aff, mask.shape)
     out_cases = []
     for i, s in enumerate(specs):
         infos[i]["labels_present"] = sorted(centroids)
         infos[i].update({k: v for k, v in infos[0].items() if k not in infos[i]})
         out_cases.append(PhantomCase(ct=cts[i], mask=mask if i == 0 else mask.copy(), affine=aff.copy(),
                                      centroids=dict(centroids), spec=s, tissue=tissues[i],
-                                     ribs=ribs if i == 0 else ribs.copy(), info=infos[i]))
+                                     ribs=ribs if i == 0 else ribs.copy(), info=infos[i],
+                                     body_centroids=dict(bodies)))
     return out_cases
 
 
@@ -356,4 +358,30 @@ def compute_centroids(mask: np.ndarray, affine: np.ndarray) -> dict[int, tuple[f
         c = [float(np.mean(ix)) + s.start for ix, s in zip(idx, sl, strict=True)]
         w = A @ np.array([*c, 1.0])
         out[lab] = (float(w[0]), float(w[1]), float(w[2]))
+    return out
+
+
+def body_centroids(anat: Anatomy, centroids: dict[int, tuple[float, float, float]], affine: np.ndarray,
+                   shape: Sequence[int], step_mm: float = 0.5) -> dict[int, tuple[float, float, float]]:
+    """The true vertebral-body centroid (world mm, RAS) of every label in ``centroids``.
+
+    The body solid of each vertebra (:func:`lib.synthetic.phantom.bone.body_points_local`,
+    sampled every ``step_mm``) is placed in the world by its segment's centre and frame and
+    clipped to the field of view (voxel centres ± half a voxel); its centre of mass is the
+    centroid. C1 has no body, and a vertebra whose body lies wholly outside the field of view
+    has none in view: both keep their mask centre of mass (``centroids``).
+    """
+    inv = np.linalg.inv(np.asarray(affine, float))
+    hi = np.asarray(shape, float) - 0.5
+    by_label = {sg.label: sg for sg in anat.segments if sg.label}
+    out: dict[int, tuple[float, float, float]] = {}
+    for lab, com in centroids.items():
+        sg = by_label.get(lab)
+        if sg is None or sg.name == "C1":
+            out[lab] = com
+            continue
+        world = np.asarray(sg.center, float) + body_points_local(sg, step_mm) @ np.asarray(sg.frame, float).T
+        vox = world @ inv[:3, :3].T + inv[:3, 3]
+        keep = np.all((vox >= -0.5) & (vox <= hi), axis=1)
+        out[lab] = tuple(float(c) for c in world[keep].mean(axis=0)) if keep.any() else com
     return out

@@ -143,6 +143,10 @@ class PhantomCase:
         mask: uint8 vertebra labels (0 background), same shape.
         affine: 4x4 voxel -> world (RAS, mm).
         centroids: {label: (x, y, z) world mm}, centre of mass of each label in ``mask``.
+        body_centroids: {label: (x, y, z) world mm}, the VerSe-style vertebral-body centroid of
+            each label in ``mask``: the centre of mass of the part of the vertebral body solid
+            that lies in the field of view (C1, which has no body, and a vertebra whose body is
+            wholly outside the field of view: the centre of mass of its mask).
         spec: the spec it was generated from.
         tissue: uint8 tissue class per voxel (:data:`TISSUES`), at the slice centres.
         ribs: uint8, the label of the vertebra a rib voxel belongs to (0 elsewhere); ribs
@@ -160,6 +164,7 @@ class PhantomCase:
     tissue: np.ndarray
     ribs: np.ndarray | None = None
     info: dict = field(default_factory=dict)
+    body_centroids: dict[int, tuple[float, float, float]] = field(default_factory=dict)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
