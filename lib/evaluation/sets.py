@@ -9,12 +9,17 @@ import pandas as pd
 
 from lib.core import labels as L
 from lib.core.cases import Case
+from lib.datasets.verse import TEST_VERSE, VERSE_CROPPED
 from lib.evaluation.folders import evaluate_pairs, write_results
+
+VERSE_SET_NAMES = (TEST_VERSE, VERSE_CROPPED)
+"""The sets of VerSe scans: their masks label T13."""
 
 
 def set_labels(set_name: str) -> list[int]:
-    """Labels evaluated per vertebra in a set: C1..L6, and T13 for Test_VerSe (VerSe labels it)."""
-    return list(L.CTSPINE1K_LABELS) + ([L.T13] if set_name == "Test_VerSe" else [])
+    """Labels evaluated per vertebra in a set: C1..L6, and T13 for the VerSe sets (Test_VerSe,
+    VerSe_cropped: VerSe labels it)."""
+    return list(L.CTSPINE1K_LABELS) + ([L.T13] if set_name in VERSE_SET_NAMES else [])
 
 
 def evaluate_sets(cases: Sequence[Case], out_dir: str | Path, hd95: str = "pooled", workers: int = 0,

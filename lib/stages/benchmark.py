@@ -1,10 +1,15 @@
-"""Stage 04_benchmark: the final model on Test_public, Test_private and Test_VerSe (Table 2).
+"""Stage 04_benchmark: the final model on Test_public, Test_private and Test_VerSe (Table 2), and
+on the cropped VerSe scans (VerSe_cropped) for information.
 
 Notebook ``notebooks/04_benchmark.ipynb``; parameters ``params/<profile>/04_benchmark.yaml``.
 The final model is trained on the trainset masks of the annotation rounds (warm-started from the
 last round's model, the VerSe-pretrained one, or from scratch as the paper's nnU-Net), predicts
 every test case (``predictions/<set>/<ID>_seg.nii.gz``), and is evaluated per set
 (``evaluation/<set>/``: per-case CSV, summary JSON, Table 2 of the set) with :mod:`lib.evaluation`.
+Test_VerSe follows what the final model has seen (:mod:`lib.datasets.benchmark_sets`): from
+scratch, every usable VerSe scan (the paper's); warm-started from a VerSe-pretrained model, the
+usable scans 02 held out. ``tables/test_verse_cases.csv`` lists each VerSe scan and why it is in a
+set or not; the run record and ``tables/table2.md`` state the definition that applied.
 """
 
 from __future__ import annotations
@@ -17,9 +22,15 @@ import pandas as pd
 from lib.core.cases import Case
 from lib.core.parallel import MapResult
 from lib.core.paths import find_model_dir, prediction_path
-from lib.datasets.benchmark_sets import benchmark_test_cases
+from lib.datasets.benchmark_sets import (
+    VERSE_SETS_TABLE,
+    benchmark_test_cases,
+    pretrained_on_verse,
+    verse_sets,
+)
 from lib.datasets.ctspine1k.release import annotated_cases
 from lib.datasets.ctspine1k.table1 import build_table1
+from lib.datasets.verse import TEST_VERSE, VERSE_CROPPED, test_verse_definition, verse_cases
 from lib.evaluation.sets import evaluate_sets
 from lib.evaluation.summary import case_scores
 from lib.evaluation.table2 import build_table2, table2_markdown
@@ -58,8 +69,26 @@ def trainset(ctx: StageContext) -> list[Case]:
 
 def evaluation_cases(ctx: StageContext, include_verse: bool = True) -> list[Case]:
     """Test_public and Test_private (release masks from the annotation rounds) and, with
-    ``include_verse``, Test_VerSe (:func:`lib.datasets.benchmark_sets.benchmark_test_cases`)."""
-    return benchmark_test_cases(ctx.paths, include_verse)
+    ``include_verse``, Test_VerSe and VerSe_cropped for a model started from ``init_from``
+    (:func:`lib.datasets.benchmark_sets.verse_sets`); writes ``tables/test_verse_cases.csv``
+    (every VerSe scan, its set, why) and prints the definition of Test_VerSe that applies."""
+    cases = benchmark_test_cases(ctx.paths, include_verse=False)
+    if include_verse:
+        table, definition = verse_sets(ctx.paths, ctx.P.init_from)
+        ctx.save_table(table, VERSE_SETS_TABLE)
+        print(definition)
+        cases += verse_cases(table)
+    return cases
+
+
+def verse_definition(ctx: StageContext) -> str | None:
+    """The definition of the VerSe sets this run evaluated (from ``tables/test_verse_cases.csv``),
+    or None when it evaluated no VerSe."""
+    f = ctx.tables / VERSE_SETS_TABLE
+    if not (ctx.P.include_verse and f.exists()):
+        return None
+    table = pd.read_csv(f, dtype={"case_id": str}, keep_default_na=False)
+    return test_verse_definition(table, pretrained_on_verse(ctx.P.init_from))
 
 
 def describe_cases(train_cases: Sequence[Case], cases: Sequence[Case]) -> str:
@@ -99,10 +128,15 @@ def evaluate(ctx: StageContext, cases: Sequence[Case]) -> tuple[pd.DataFrame, di
 
 
 def write_table2(ctx: StageContext, summaries: dict[str, dict]) -> pd.DataFrame:
-    """Table 2 beside the paper (``tables/table2.csv`` and ``table2.md``)."""
+    """Table 2 beside the paper (``tables/table2.csv`` and ``table2.md``; the markdown ends with
+    the definition of Test_VerSe / VerSe_cropped that applied, when they were evaluated)."""
     table2 = build_table2(summaries)
     ctx.save_table(table2, "table2.csv", index=True)
-    write_text(ctx.tables / "table2.md", table2_markdown(table2))
+    text = table2_markdown(table2)
+    definition = verse_definition(ctx)
+    if definition and ({TEST_VERSE, VERSE_CROPPED} & set(summaries)):
+        text += f"\n\n{definition} (init_from: {ctx.P.init_from}; cases: tables/{VERSE_SETS_TABLE})"
+    write_text(ctx.tables / "table2.md", text + "\n")
     return table2
 
 
@@ -142,4 +176,5 @@ def record(ctx: StageContext, result: TrainResult, init: Path | None, pred: MapR
     return ctx.write_record({
         "train": result.to_json(), "init_from": str(init), "prediction_failures": [str(f) for f in pred.failures],
         "mean_of_vertebrae": {s: v.get("mean_of_vertebrae", {}).get("dice", {}).get("mean") for s, v in summaries.items()},
-        "hd95_definition": ctx.P.hd95})
+        "hd95_definition": ctx.P.hd95, "test_verse_definition": verse_definition(ctx),
+        "cases_per_set": {s: v.get("n_cases") for s, v in summaries.items()}})

@@ -2,8 +2,9 @@
 
 Notebook ``notebooks/02_pretraining.ipynb``; parameters ``params/<profile>/02_pretraining.yaml``.
 The paper's rules decide which VerSe scans may pretrain the model (complete, uncropped, image and
-mask on one grid: :func:`lib.datasets.verse.select_pretraining_cases`); a seeded hold-out of the
-usable scans is never trained on; the plan comes from a fingerprint of the training scans
+mask on one grid: :func:`lib.datasets.verse.select_pretraining_cases`) among every VerSe release
+found (:func:`lib.datasets.verse.discover_verse`; a scan in VerSe 2019 and 2020 counts once); a
+seeded hold-out of the usable scans, drawn by subject, is never trained on; the plan comes from a fingerprint of the training scans
 (:mod:`lib.ml.planning`), training from :mod:`lib.ml.trainer`. The held-out scans and, for
 information, some cropped scans are predicted and scored with :mod:`lib.evaluation`.
 """
@@ -16,9 +17,13 @@ from pathlib import Path
 import pandas as pd
 
 from lib.core import labels as L
-from lib.core.cases import split_cases
 from lib.core.paths import ensure
-from lib.datasets.verse import select_pretraining_cases
+from lib.datasets.verse import (
+    discover_verse,
+    select_pretraining_cases,
+    split_by_subject,
+    verse_subject,
+)
 from lib.evaluation.folders import evaluate_pairs, write_results
 from lib.ml.device import set_threads
 from lib.ml.inference import evaluation_pairs, predict_cases, prediction_items
@@ -42,16 +47,27 @@ def start(namespace: dict) -> StageContext:
     return ctx
 
 
+DUPLICATES_TABLE = "verse_duplicates.csv"
+
+
 def verse_root(ctx: StageContext) -> Path:
-    """The VerSe BIDS root: ``verse_dir``, else ``data/<profile>/sources/VerSe``."""
+    """The VerSe root: ``verse_dir`` (the folder holding the ``dataset-verse19*`` /
+    ``dataset-verse20*`` release folders, or one BIDS folder), else ``data/<profile>/sources/VerSe``."""
     return Path(ctx.P.verse_dir) if ctx.P.verse_dir else ctx.paths.sources / "VerSe"
 
 
 def select(ctx: StageContext) -> tuple[list[Triple], pd.DataFrame]:
     """The usable VerSe scans and the selection table (``tables/verse_selection.csv``), one row per
-    scan with the reason it was left out."""
-    usable, selection = select_pretraining_cases(verse_root(ctx), workers=ctx.P.workers)
+    scan (case id, subject, release, layout, files) with the reason it was left out; the copies of
+    scans found in several releases go to ``tables/verse_duplicates.csv`` (one kept)."""
+    found = discover_verse(verse_root(ctx))
+    usable, selection = select_pretraining_cases(found, workers=ctx.P.workers)
     ctx.save_table(selection, "verse_selection.csv")
+    ctx.save_table(found.duplicates, DUPLICATES_TABLE)
+    print("VerSe scans per release:", found.per_release())
+    if not found.duplicates.empty:
+        print(f"{found.duplicates['scan_key'].nunique()} scan(s) found in several releases; kept once "
+              f"(tables/{DUPLICATES_TABLE})")
     return usable, selection
 
 
@@ -61,15 +77,32 @@ def exclusion_summary(selection: pd.DataFrame) -> pd.DataFrame:
             .rename("excluded scans").to_frame())
 
 
-def hold_out(ctx: StageContext, usable: Sequence[Triple]) -> tuple[list[Triple], list[Triple], pd.DataFrame]:
-    """Seeded split of the usable scans into training and held-out scans (``tables/split.csv``)."""
+def _scan_info(ctx: StageContext, selection: pd.DataFrame | None) -> dict[str, tuple[str, str]]:
+    """``{case_id: (subject, release)}`` from the selection (else this run's selection table)."""
+    if selection is None and (ctx.tables / "verse_selection.csv").exists():
+        selection = pd.read_csv(ctx.tables / "verse_selection.csv", dtype={"case_id": str})
+    if selection is None or "subject" not in selection:
+        return {}
+    release = selection["release"] if "release" in selection else pd.Series("", index=selection.index)
+    return {str(c): (str(s), str(r)) for c, s, r in zip(selection["case_id"], selection["subject"], release, strict=True)}
+
+
+def hold_out(ctx: StageContext, usable: Sequence[Triple], selection: pd.DataFrame | None = None,
+             ) -> tuple[list[Triple], list[Triple], pd.DataFrame]:
+    """Seeded split of the usable scans into training and held-out scans, by subject: every scan
+    of a subject lands on one side (:func:`lib.datasets.verse.split_by_subject`; subjects from
+    ``selection`` or this run's ``tables/verse_selection.csv``). ``n_holdout`` scans at least are
+    held out while one subject at least trains. Writes ``tables/split.csv`` (case id, subject,
+    release, split)."""
     if not usable:
         raise RuntimeError(f"{verse_root(ctx)}: no usable (complete, image/mask-consistent) VerSe scan; "
                            "see the selection table")
-    n_hold = min(ctx.P.n_holdout, len(usable) - 1)
-    train_cases, heldout = split_cases(usable, n_hold, seed=ctx.P.seed)
-    split = pd.DataFrame([(c[0], "train") for c in train_cases] + [(c[0], "heldout") for c in heldout],
-                         columns=["case_id", "split"])
+    info = _scan_info(ctx, selection)
+    subjects = {cid: s for cid, (s, _) in info.items()}
+    train_cases, heldout = split_by_subject(usable, subjects, ctx.P.n_holdout, seed=ctx.P.seed)
+    rows = [(c[0], "train") for c in train_cases] + [(c[0], "heldout") for c in heldout]
+    split = pd.DataFrame([(cid, *info.get(cid, (verse_subject(cid), "")), part) for cid, part in rows],
+                         columns=["case_id", "subject", "release", "split"])
     ctx.save_table(split, "split.csv")
     return train_cases, heldout, split
 
@@ -142,11 +175,40 @@ def cropped_cases(ctx: StageContext, selection: pd.DataFrame) -> list[Triple]:
     return cropped[: ctx.P.max_cropped_cases or None]
 
 
+def duplicates_summary(duplicates: pd.DataFrame) -> list[dict]:
+    """One entry per scan found in several releases: the copy kept and every copy's path."""
+    out = []
+    for key, g in duplicates.groupby("scan_key", sort=True):
+        kept = g[g["kept"].astype(bool)].iloc[0]
+        out.append({"scan": key, "kept": kept["image"], "kept_release": kept["release"],
+                    "copies": g[["release", "layout", "image"]].to_dict("records")})
+    return out
+
+
+def _subject_counts(ctx: StageContext, selection: pd.DataFrame, train_cases: Sequence[Triple],
+                    heldout: Sequence[Triple]) -> dict:
+    """Scans per release and subjects in all / training / held out."""
+    info = _scan_info(ctx, selection)
+    subj = {cid: s for cid, (s, _) in info.items()}
+
+    def n_subjects(cases):
+        return len({subj.get(c[0]) or verse_subject(c[0]) for c in cases})
+
+    per_release = selection.groupby("release").size().astype(int).to_dict() if "release" in selection else {}
+    return {"verse_per_release": per_release,
+            "subjects": int(selection["subject"].nunique()) if "subject" in selection else None,
+            "train_subjects": n_subjects(train_cases), "heldout_subjects": n_subjects(heldout)}
+
+
 def record(ctx: StageContext, selection: pd.DataFrame, usable: Sequence[Triple], train_cases: Sequence[Triple],
            heldout: Sequence[Triple], result: TrainResult, heldout_scores: dict, cropped_summary: dict) -> Path:
-    """The run record: the selection, the split, training and the held-out / cropped scores."""
+    """The run record: the selection (scans per release, the duplicates kept once), the split by
+    subject, training and the held-out / cropped scores."""
+    dup_file = ctx.tables / DUPLICATES_TABLE
+    duplicates = pd.read_csv(dup_file) if dup_file.exists() else pd.DataFrame()
     return ctx.write_record({
-        "verse_scans": len(selection), "usable": len(usable),
+        "verse_scans": len(selection), "usable": len(usable), **_subject_counts(ctx, selection, train_cases, heldout),
+        "duplicates": duplicates_summary(duplicates) if not duplicates.empty else [],
         "excluded": selection[~selection["usable"]][["case_id", "reason"]].to_dict("records"),
         "train_cases": [c[0] for c in train_cases], "heldout_cases": [c[0] for c in heldout],
         "train_seconds": result.seconds, "epochs": result.epochs, "stopped_by": result.stopped_by,

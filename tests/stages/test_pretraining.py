@@ -1,4 +1,5 @@
-"""lib.stages.pretraining: the hold-out split, the cropped scans scored for information, the scores."""
+"""lib.stages.pretraining: the selection and the hold-out by subject on the real download layout, the
+cropped scans scored for information, the scores."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from lib.core import params
 from lib.core.paths import for_profile
 from lib.stages import pretraining
 from lib.stages.context import StageContext
+from tests.helpers.verse_tree import write_downloads
 
 
 def _ctx(**overrides) -> StageContext:
@@ -51,3 +53,29 @@ def test_scores_take_the_headline_numbers_of_a_summary():
                "mean_of_vertebrae": {"dice": {"mean": 0.88}, "hd95": {"mean": 3.3}, "identification_rate_pooled": 1.0}}
     assert pretraining.scores(summary, 4.5) == {"spine_dice": 0.93, "vertebra_dice": 0.88, "vertebra_hd95_mm": 3.3,
                                                 "identification_rate": 1.0, "seconds_per_scan": 4.5}
+
+
+def test_select_and_hold_out_work_on_the_real_download_layout_by_subject(tmp_path):
+    root = tmp_path / "downloads"
+    ct = write_downloads(root)
+    ctx = _ctx(verse_dir=str(root), n_holdout=1)
+    usable, selection = pretraining.select(ctx)
+    assert len(selection) == 7
+    assert len(usable) == 4
+    dups = pd.read_csv(ctx.tables / "verse_duplicates.csv")
+    assert len(dups) == 3
+    [entry] = pretraining.duplicates_summary(dups)
+    assert entry["scan"] == "sub-verse012"
+    assert entry["kept"] == str(ct["012_v20"])
+    assert {c["image"] for c in entry["copies"]} == {str(ct["012_v19"]), str(ct["012_v20"]), str(ct["012_challenge"])}
+    sides_of_gl003 = set()
+    for seed in range(8):
+        ctx = _ctx(verse_dir=str(root), n_holdout=1, seed=seed)
+        train, held, _ = pretraining.hold_out(ctx, usable)  # subjects from tables/verse_selection.csv
+        split = pd.read_csv(ctx.tables / "split.csv")
+        assert list(split.columns) == ["case_id", "subject", "release", "split"]
+        assert split.groupby("subject")["split"].nunique().max() == 1, split
+        assert split.set_index("case_id").loc["sub-gl003_dir-ax", "release"] == "verse20training"
+        assert held
+        sides_of_gl003.add(split.set_index("case_id").loc["sub-gl003_dir-ax", "split"])
+    assert sides_of_gl003 == {"train", "heldout"}
