@@ -57,6 +57,13 @@ def _table_html(path: Path) -> str:
     return df.to_html(index=False, na_rep="", float_format=lambda x: f"{x:.3f}", classes="table", border=0)
 
 
+def _table_notes(md: Path) -> list[str]:
+    """The notes under a Markdown table (definitions: HD95, identification rule and centroids)."""
+    if not md.exists():
+        return []
+    return [ln.strip() for ln in md.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("|")]
+
+
 def build_report(profile: str, render_notebooks: bool = True) -> Path:
     """Write ``runs/<profile>/report.html`` from what the stages left in ``runs/<profile>/``.
 
@@ -104,7 +111,8 @@ def build_report(profile: str, render_notebooks: bool = True) -> Path:
     for stage, name, title in KEY_TABLES:
         p = root / stage / "tables" / name
         if p.exists():
-            parts.append(f"<h3>{html.escape(title)}</h3><p class=meta><code>{stage}/tables/{name}</code></p>{_table_html(p)}")
+            parts.append(f"<h3>{html.escape(title)}</h3><p class=meta><code>{stage}/tables/{name}</code></p>{_table_html(p)}"
+                         + "".join(f"<p class=meta>{html.escape(line)}</p>" for line in _table_notes(p.with_suffix(".md"))))
 
     # figures
     parts.append("<h2>Figures</h2>")

@@ -36,6 +36,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--missing", default="empty", choices=("empty", "exclude"),
                     help="score a missing prediction as empty (default) or only list it")
     ap.add_argument("--set-name", default=None, help="test-set name for Table 2 (default: from --gt)")
+    ap.add_argument("--id-rule", default=metrics.DEFAULT_IDENTIFICATION_RULE, choices=metrics.IDENTIFICATION_RULES,
+                    help="identification rule: verse_get_hits (the official VerSe evaluator) or "
+                         "nearest_prediction (nearest predicted centroid to each true one)")
+    ap.add_argument("--centroids", default="body", choices=metrics.CENTROID_METHODS,
+                    help="centroids from the masks: body (vertebral-body centroids, VerSe) or mass (whole label)")
+    ap.add_argument("--no-centroid-files", action="store_true",
+                    help="ignore VerSe centroid files beside the truths (estimate from the masks)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -44,13 +51,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        workers=args.workers, scheduler=args.scheduler,
                                        nsd_tolerance_mm=args.nsd_tolerance_mm, missing=args.missing,
                                        on_error="collect", set_name=args.set_name,
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress, identification_rule=args.id_rule,
+                                       centroids=args.centroids, centroid_files=not args.no_centroid_files)
     except (ValueError, FileNotFoundError, CaseFailuresError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     mov, mos = summary["mean_of_vertebrae"], summary["mean_of_spine"]
     print(f"{summary['n_cases']} cases ({summary['n_missing_cases']} missing predictions, "
           f"{summary['n_failed_cases']} failed); HD95 definition: {summary['hd95_definition']}")
+    print(f"identification: {summary['identification']['text']}")
     print(f"Mean of Vertebrae: DSC {mov['dice']['mean']:.3f}  HD95 {mov['hd95']['mean']:.2f} mm  "
           f"ID rate {mov['identification_rate_pooled']:.3f}  missed {mov['missed']}  "
           f"false positives {mov['false_positive']}")

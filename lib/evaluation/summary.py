@@ -32,8 +32,11 @@ CONVENTIONS = {
                "voxel centres with the image spacing",
     "assd": "mean of both directed surface-distance sets pooled",
     "nsd": "share of both surfaces' voxels within the tolerance of the other surface",
-    "identification": "VerSe: the nearest predicted centroid to the true one carries the label "
-                      "and is within the distance limit; centroids from the masks in world mm",
+    "identification": "VerSe (default rule verse_get_hits, the official evaluator's): among labels in "
+                      "both masks, the true centroid nearest to each predicted one carries its label "
+                      "and lies within the distance limit; vertebral-body centroids in world mm (the "
+                      "truth's centroid file when it has one); see 'identification' for this run's "
+                      "rule and centroids",
 }
 
 

@@ -66,6 +66,8 @@ def build_table2(summaries: Mapping[str, Mapping], with_paper: bool = True) -> p
                 continue
             table[f"{set_name} {c}"] = pd.to_numeric(pd.Series(vals, index=index), errors="coerce")
     table.attrs["hd95_definition"] = defs
+    table.attrs["identification"] = {k: s["identification"]["text"] for k, s in summaries.items()
+                                     if isinstance(s.get("identification"), Mapping) and "text" in s["identification"]}
     return table
 
 
@@ -90,4 +92,8 @@ def table2_markdown(table: pd.DataFrame) -> str:
         lines.append("")
         lines.append("HD95 definition: " + "; ".join(f"{k}: {v}" for k, v in defs.items())
                      + ". Paper columns: CTSpine1K Table 2 (nnU-Net 3d_fullres), only the cells quoted in DESIGN §6.")
+    idents = table.attrs.get("identification", {})
+    if idents:
+        lines.append("")
+        lines.append("ID rate: " + "; ".join(f"{k}: {v}" for k, v in idents.items()) + ".")
     return "\n".join(lines)

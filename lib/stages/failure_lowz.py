@@ -23,6 +23,7 @@ from lib.core.parallel import map_cases
 from lib.core.paths import find_model_dir
 from lib.datasets.ctspine1k.ids import infer_source
 from lib.datasets.ctspine1k.release import annotated_cases
+from lib.evaluation.folders import truth_centroids
 from lib.imaging.resampling import resample_nearest
 from lib.imaging.thick_slices import thick_slice_volume
 from lib.io.nifti import load_volume, save_volume
@@ -122,7 +123,8 @@ def run_lowz_job(job: LowzJob) -> dict:
     tv = load_volume(thick_path)
     pred_thick = inference.predict_volume(model, np.asarray(tv.array), tv.spacing, device=job.device)
     pred = resample_nearest(np.asarray(pred_thick, dtype=np.uint8), tv.affine, img.shape, img.affine)
-    rows = metrics.evaluate_case(gt, pred, img.spacing, labels=L.CTSPINE1K_LABELS, affine=img.affine)
+    rows = metrics.evaluate_case(gt, pred, img.spacing, labels=L.CTSPINE1K_LABELS, affine=img.affine,
+                                 gt_centroids=truth_centroids(Path(job.truth))[0])
     vert = [r for r in rows if r["label"] > 0 and r["status"] in ("detected", "missed")]
     spine = next((r for r in rows if r.get("label", 0) == 0), {})
     hd = [r["hd95"] for r in vert if r.get("hd95") is not None and np.isfinite(r["hd95"])]
