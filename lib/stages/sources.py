@@ -46,12 +46,22 @@ def generate(ctx: StageContext) -> GenerationReport:
     return generate_sources(ctx.paths, ctx.P.as_dict(), workers=ctx.P.workers, force=ctx.P.force)
 
 
+VERIFY_TABLES = {"counts": "source_check.csv", "problems": "source_problems.csv", "ignored": "source_ignored.csv"}
+"""The tables the check of the downloads writes: counts per source, one row per problem
+(source, path, problem), one row per entry not read as a source image (source, path, files, reason)."""
+
+
 def verify(ctx: StageContext) -> VerifyReport:
-    """Check the downloads against the expected layout and counts (paper profile)."""
+    """Check the downloads against the expected layout and counts (paper profile); writes
+    :data:`VERIFY_TABLES` to ``tables/`` (problems and ignored entries, each with its path)."""
     P = ctx.P
     expected = {"COLONOG": P.expected_colonog, "HNSCC": P.expected_hnscc, "MSD_T10": P.expected_msd,
                 "COVID19": P.expected_covid, "VerSe": P.expected_verse}
-    return verify_sources(sources_root(ctx), expected, check_headers=P.check_headers)
+    report = verify_sources(sources_root(ctx), expected, check_headers=P.check_headers)
+    ctx.save_table(report.table, VERIFY_TABLES["counts"])
+    ctx.save_table(report.problems_table(), VERIFY_TABLES["problems"])
+    ctx.save_table(report.ignored_table(), VERIFY_TABLES["ignored"])
+    return report
 
 
 def write_summary(ctx: StageContext) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -88,10 +98,13 @@ def record(ctx: StageContext, report: GenerationReport | None, verified: VerifyR
                  "failures": [str(f) for f in report.failures],
                  "variants": report.index.groupby("variant").size().to_dict()}
     if verified is not None:
-        extra = {"problems": verified.problems, "table": verified.table.to_dict(orient="records")}
+        extra = {"problems": verified.problems, "table": verified.table.to_dict(orient="records"),
+                 "ignored": int(len(verified.ignored)),
+                 "tables": {k: f"tables/{v}" for k, v in VERIFY_TABLES.items()}}
     path = ctx.write_record(extra)
     if verified is not None and not verified.ok:
-        raise SystemExit("sources incomplete: " + verified.summary())
+        raise SystemExit(f"sources incomplete (tables/{VERIFY_TABLES['problems']} lists each problem): "
+                         + verified.summary())
     return path
 
 

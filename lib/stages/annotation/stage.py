@@ -68,7 +68,25 @@ def queue_tables(cases: Sequence[Case], cfg: LoopConfig, tier_models: dict) -> t
 def truth_provider(ctx: StageContext) -> TruthProvider:
     """The truth the simulated annotators play against: the oracle (``simulated``) or a real
     release's masks (``replay``)."""
-    return oracle_truth(ctx.paths) if ctx.P.mode == "simulated" else replay_truth(ctx.P.replay_truth_dir)
+    return oracle_truth(ctx.paths) if ctx.P.mode == "simulated" else replay_truth(replay_truth_root(ctx))
+
+
+def replay_truth_root(ctx: StageContext) -> Path:
+    """The folder of the released masks for ``replay``: ``replay_truth_dir`` as given when
+    absolute, else under the profile's data folder (``data/<profile>/``, i.e. ``$SPINE1K_DATA/<profile>``).
+
+    Raises:
+        ValueError: ``replay_truth_dir`` is empty.
+        FileNotFoundError: the folder does not exist (naming it and the parameter).
+    """
+    value = str(ctx.P.replay_truth_dir or "").strip()
+    if not value:
+        raise ValueError(f"replay_truth_dir is empty in params/{ctx.P.profile}/03_annotation.yaml: set it to the "
+                         f"downloaded release (<split>/gt/<ID>_seg.nii.gz), relative to {ctx.paths.data} or absolute")
+    root = Path(value) if Path(value).is_absolute() else ctx.paths.data / value
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: replay_truth_dir (params/{ctx.P.profile}/03_annotation.yaml) not found")
+    return root
 
 
 def run(ctx: StageContext, ledger: Ledger, cases: Sequence[Case], cfg: LoopConfig, model0: Path, tier_models: dict,

@@ -54,7 +54,12 @@ class QualityThresholds:
 
 @dataclass(frozen=True)
 class CurationConfig:
-    """Everything the curation functions need, built from the notebook parameters."""
+    """Everything the curation functions need, built from the notebook parameters.
+
+    ``path_csv_fallback``: a ``Path.csv`` row that matches no series on disk excludes the
+    patient (False, the default: the table is authoritative) or lets the source's own rule
+    choose, labelled so in the selection and provenance tables (True).
+    """
 
     sources_dir: Path
     release_dir: Path
@@ -62,6 +67,7 @@ class CurationConfig:
     sources: tuple[str, ...] = SOURCES
     seed: int = 0
     path_csv: Path | None = None
+    path_csv_fallback: bool = False
     fallback_series: bool = True
     hnscc_time_point: int = 0
     subset_sizes: Mapping[str, int] = field(default_factory=dict)
@@ -109,7 +115,8 @@ class CurationConfig:
         return cls(
             sources_dir=src, release_dir=Path(p["release_dir"]) if p.get("release_dir") else paths.release,
             stage_dir=paths.stage("01_curation"), sources=tuple(p["sources"]), seed=int(p["seed"]),
-            path_csv=rel("path_csv"), fallback_series=bool(p["fallback_series"]),
+            path_csv=rel("path_csv"), path_csv_fallback=bool(p["path_csv_fallback"]),
+            fallback_series=bool(p["fallback_series"]),
             hnscc_time_point=int(p["hnscc_time_point"]),
             subset_sizes={"MSD_T10": int(p["msd_subset_size"]), "COVID19": int(p["covid_subset_size"])},
             split_file=rel("split_file"), restrict_to_split_file=bool(p["restrict_to_split_file"]),

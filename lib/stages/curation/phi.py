@@ -29,6 +29,7 @@ from lib.datasets.ctspine1k.ids import (
     DICOM_SOURCES,
     SOURCES,
 )
+from lib.datasets.ctspine1k.source_layout import source_folder
 from lib.io import dicom_read as dicom
 
 #: Keywords whose values identify a patient, a visit, a place or a person (DICOM PS3.15
@@ -149,8 +150,8 @@ def collect_identifiers(sources_dir: str | Path, sources: Sequence[str] = SOURCE
     root = Path(sources_dir)
     found: dict[tuple[str, str], Identifier] = {}
     for src in sources:
-        base = root / src
-        if not base.exists():
+        base = source_folder(root, src)  # the MSD task may sit in Task03_Liver/ (as unpacked) or MSD_T10/
+        if base is None:
             continue
         if src in DICOM_SOURCES:
             folders = sorted({p.parent for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")})

@@ -31,7 +31,9 @@ from lib.stages.curation.convert import (
     release_file,
     write_manifest,
 )
-from lib.stages.curation.select import SelectionResult
+from lib.stages.curation.select import Selection, SelectionResult
+
+SPLIT_MISSING_TABLE = "split_ids_missing.csv"
 
 
 @dataclass
@@ -44,6 +46,14 @@ class SplitResult:
     listed_missing: list[str] = field(default_factory=list)  # in the split file, not available
     not_listed: list[str] = field(default_factory=list)      # available, not in the split file
     notes: list[str] = field(default_factory=list)
+    listed_missing_split: dict[str, str] = field(default_factory=dict)  # listed_missing -> its split
+
+    def missing_by_split(self) -> dict[str, list[str]]:
+        """``{split: [IDs the split file lists that are not among the included cases]}``."""
+        out: dict[str, list[str]] = {}
+        for rid in self.listed_missing:
+            out.setdefault(self.listed_missing_split.get(rid, ""), []).append(rid)
+        return out
 
     def counts(self, patterns: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:
         """Cases per source and split (rows: sources incl. ``unknown``, then ``total``)."""
@@ -72,8 +82,9 @@ def assign_splits(release_ids: Sequence[str], cfg: CurationConfig,
                      + ", ".join(not_listed[:10]) + (" ..." if len(not_listed) > 10 else ""))
     if missing:
         notes.append(f"{len(missing)} ID(s) in the split file are not among the included cases (excluded or not "
-                     f"downloaded): " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
-    return SplitResult(a, origin, unk, missing, not_listed, notes)
+                     f"downloaded): " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+                     + f" (every one, with the reason, in tables/{SPLIT_MISSING_TABLE})")
+    return SplitResult(a, origin, unk, missing, not_listed, notes, {r: file_assignment[r] for r in missing})
 
 
 @dataclass
@@ -159,14 +170,49 @@ def cases_table(included: Sequence[IncludedSeries], assignment: Mapping[str, str
                                        "border_fraction"])
 
 
-def provenance_table(included: Sequence[IncludedSeries], split: SplitResult) -> pd.DataFrame:
+def _rule(c: IncludedSeries, chosen: Selection | None) -> str:
+    """The selection rule of an included series (a fallback series says whose rule it replaced)."""
+    if chosen is None:
+        return ""
+    if chosen.candidate.source_key == c.source_key:
+        return chosen.rule
+    return f"fallback series ({chosen.rule} series failed a check)"
+
+
+def provenance_table(included: Sequence[IncludedSeries], split: SplitResult, sel: SelectionResult | None = None
+                     ) -> pd.DataFrame:
     """``tables/provenance.csv``: release_id, split, source, source_key (SeriesInstanceUID for
-    DICOM, file stem for NIfTI) and how the series was chosen. No identifying values."""
+    DICOM, file stem for NIfTI), the rule that chose the series (with ``sel``; see
+    :data:`lib.stages.curation.select.RULES`) and why. No identifying values."""
+    by_rid = {s.release_id: s for s in sel.selections} if sel is not None else {}
     rows = [{"release_id": c.release_id, "split": split.assignment[c.release_id], "source": c.source,
              "source_key": c.source_key, "patient_id": c.patient, "position": c.position, "time_point": c.time_point,
-             "selection": c.selection, "split_origin": split.origin[c.release_id]} for c in included]
+             "rule": _rule(c, by_rid.get(c.release_id)), "selection": c.selection,
+             "split_origin": split.origin[c.release_id]} for c in included]
     return pd.DataFrame(rows, columns=["release_id", "split", "source", "source_key", "patient_id", "position",
-                                       "time_point", "selection", "split_origin"])
+                                       "time_point", "rule", "selection", "split_origin"])
+
+
+def _missing_reasons(sel: SelectionResult, conv: ConversionOutcome) -> dict[str, str]:
+    """Why a release ID is not among the included cases, for the IDs curation saw."""
+    why = {d["release_id"]: f"not selected: {d['reason']}" for d in sel.dropped}
+    exc = pd.concat([sel.errors_table(), conv.exclusions]) if len(sel.errors) else conv.exclusions
+    for rid, rows in exc[exc["action"] == "excluded"].groupby("release_id"):
+        why[rid] = "excluded: " + ", ".join(dict.fromkeys(rows["check"].astype(str)))
+    return why
+
+
+def split_missing_table(split: SplitResult, sel: SelectionResult, conv: ConversionOutcome) -> pd.DataFrame:
+    """``tables/split_ids_missing.csv``: every ID the split file lists that is not among the
+    included cases, with its split and why (excluded by a check or a selection error, not
+    selected, or not found in the sources at all)."""
+    why = _missing_reasons(sel, conv)
+    rows = []
+    for rid in split.listed_missing:
+        reason = why.get(rid) or ("found in the sources but not included" if rid in sel.discovered
+                                  else "not found in the sources (not downloaded, or spelled differently)")
+        rows.append({"release_id": rid, "split": split.listed_missing_split.get(rid, ""), "reason": reason})
+    return pd.DataFrame(rows, columns=["release_id", "split", "reason"])
 
 
 def write_metadata_sheets(included: Sequence[IncludedSeries], assignment: Mapping[str, str], release_dir: Path
@@ -201,16 +247,19 @@ def write_metadata_sheets(included: Sequence[IncludedSeries], assignment: Mappin
 
 def write_stage_tables(cfg: CurationConfig, sel: SelectionResult, conv: ConversionOutcome, split: SplitResult
                        ) -> dict[str, Path]:
-    """Write ``tables/`` CSVs: cases, provenance, exclusions, selection, split_counts,
-    unknown_ids, conversion_times. Returns ``{name: path}``."""
+    """Write ``tables/`` CSVs: cases, provenance, exclusions (the selection errors first, then the
+    conversion's), selection, not_selected, split_counts, split_ids_missing, unknown_ids,
+    conversion_times. Returns ``{name: path}``."""
     t = cfg.tables_dir
+    exclusions = pd.concat([sel.errors_table(), conv.exclusions], ignore_index=True) if sel.errors else conv.exclusions
     out = {
         "cases": cases_table(conv.included, split.assignment, cfg),
-        "provenance": provenance_table(conv.included, split),
-        "exclusions": conv.exclusions,
+        "provenance": provenance_table(conv.included, split, sel),
+        "exclusions": exclusions,
         "selection": sel.table(),
-        "not_selected": pd.DataFrame(sel.dropped, columns=["release_id", "source", "reason"]),
+        "not_selected": pd.DataFrame(sel.dropped, columns=["release_id", "source", "path", "reason"]),
         "split_counts": split.counts(cfg.id_patterns),
+        SPLIT_MISSING_TABLE[: -len(".csv")]: split_missing_table(split, sel, conv),
         "unknown_ids": pd.DataFrame({"release_id": split.unknown_ids}),
         "conversion_times": conv.times_table(),
     }

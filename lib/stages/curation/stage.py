@@ -22,9 +22,10 @@ from lib.io.atomic import write_text
 from lib.stages.context import StageContext
 from lib.stages.curation.config import CurationConfig
 from lib.stages.curation.convert import ConversionOutcome, convert_selected, quality_faults
-from lib.stages.curation.discover import candidates_table, discover_candidates
+from lib.stages.curation.discover import candidates_table, discover_sources
 from lib.stages.curation.phi import AuditReport, collect_identifiers, require_no_phi
 from lib.stages.curation.release import (
+    SPLIT_MISSING_TABLE,
     SplitResult,
     assign_splits,
     write_release,
@@ -43,10 +44,23 @@ def start(namespace: dict) -> tuple[StageContext, CurationConfig]:
     return ctx, CurationConfig.from_params(ctx.P, ctx.paths)
 
 
+IGNORED_TABLE = "ignored_files.csv"
+
+
 def find_candidates(cfg: CurationConfig) -> tuple[list, pd.DataFrame]:
-    """Every candidate series / volume and the counts per source."""
-    candidates = discover_candidates(cfg.sources_dir, cfg.sources)
-    return candidates, candidates_table(candidates)
+    """Every candidate series / volume and the counts per source. What discovery did not read
+    (macOS ``._*`` files, lesion masks, ``labelsTr/``, ...) is written, with the reason, to
+    ``tables/ignored_files.csv`` and counted in the printout, with the discovery notes."""
+    found = discover_sources(cfg.sources_dir, cfg.sources)
+    ignored = found.ignored_table()
+    write_text(cfg.tables_dir / IGNORED_TABLE, ignored.to_csv(index=False))
+    for note in found.notes:
+        print(note)
+    if len(ignored):
+        print(f"{len(ignored)} entries not read as source images (tables/{IGNORED_TABLE}):")
+        for (src, why), n in ignored.groupby(["source", "reason"]).size().items():
+            print(f"  {src}: {why} x{n}")
+    return found.candidates, candidates_table(found.candidates)
 
 
 def choose_series(cfg: CurationConfig, candidates: list) -> tuple[SelectionResult, dict | None, list[str]]:
@@ -116,12 +130,18 @@ def audit(ctx: StageContext, cfg: CurationConfig) -> tuple[list, AuditReport]:
 
 
 def record(ctx: StageContext, cfg: CurationConfig, conversion: ConversionOutcome, splits: SplitResult,
-           report: AuditReport, identifiers: list) -> Path:
-    """The run record (counts, split, what was converted now), itself audited for identifiers."""
+           report: AuditReport, identifiers: list, selection: SelectionResult | None = None) -> Path:
+    """The run record (counts, split, what was converted now, the selection errors and the IDs of
+    the split file missing from the release), itself audited for identifiers."""
+    excluded = set(conversion.exclusions.query("action == 'excluded'")["release_id"])
+    errors = selection.errors if selection is not None else []
     path = ctx.write_record({
         "included": len(conversion.included),
-        "excluded_patients": int(conversion.exclusions.query("action == 'excluded'")["release_id"].nunique()),
+        "excluded_patients": len(excluded | {e["release_id"] for e in errors}),
+        "selection_errors": [{k: e[k] for k in ("release_id", "source", "check", "message")} for e in errors],
         "split_counts": splits.counts(cfg.id_patterns).set_index("source")["all"].to_dict(),
+        "split_ids_missing": {"count": len(splits.listed_missing), "table": f"tables/{SPLIT_MISSING_TABLE}",
+                              "by_split": splits.missing_by_split()},
         "unknown_ids": splits.unknown_ids, "converted_now": conversion.converted, "reused": conversion.reused,
         "phi_audit": report.summary()})
     print(require_no_phi([path], identifiers).summary())
