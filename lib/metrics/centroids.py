@@ -49,9 +49,18 @@ def centroids_mm(mask: np.ndarray, affine: np.ndarray | None = None,
         ``{label: (x, y, z)}`` in mm for each present label, mean voxel index mapped through
         the affine.
     """
+    return _label_centroids(mask, affine, labels, spacing_mm, lambda v, sub, origin, shape, voxel_mm: sub)
+
+
+def _label_centroids(mask: np.ndarray, affine: np.ndarray | None, labels: Iterable[int] | None,
+                     spacing_mm: Sequence[float] | None, part) -> dict[int, tuple[float, ...]]:
+    """``{label: centroid in world mm}`` of ``part(label, box mask, box origin, mask shape,
+    voxel size in mm)`` -- the voxels of each label's bounding box to average -- over the
+    labels present (restricted to ``labels``)."""
     m = as_label_map(mask, "mask")
     sp = check_spacing(spacing_mm if spacing_mm is not None else [1.0] * m.ndim, m.ndim)
     aff = affine_for(sp, affine)
+    voxel_mm = np.sqrt((aff[:-1, :-1] ** 2).sum(axis=0))
     fg = foreground_box(m)
     if fg is None:
         return {}
@@ -65,9 +74,9 @@ def centroids_mm(mask: np.ndarray, affine: np.ndarray | None = None,
         if sl is None or (want is not None and v not in want):
             continue
         sub = view[sl] == v
-        n = np.count_nonzero(sub)
         origin = [fg[k][0] + sl[k].start for k in range(m.ndim)]
-        out[v] = to_world(centroid_sums(sub, origin) / n, aff)
+        voxels = part(v, sub, origin, m.shape, voxel_mm)
+        out[v] = to_world(centroid_sums(voxels, origin) / np.count_nonzero(voxels), aff)
     return out
 
 
@@ -87,10 +96,6 @@ per axis (majority vote), then the body found is intersected with the full-resol
 
 _NO_BODY_LABELS = frozenset({1})
 """C1 (the atlas) has no vertebral body: its centroid is the centre of mass of its mask."""
-
-
-def _spacing_of(affine: np.ndarray) -> np.ndarray:
-    return np.sqrt((np.asarray(affine, float)[:-1, :-1] ** 2).sum(axis=0))
 
 
 def body_region(vert: np.ndarray, spacing: Sequence[float],
@@ -191,25 +196,8 @@ def body_centroids_mm(mask: np.ndarray, affine: np.ndarray | None = None,
     Returns:
         ``{label: (x, y, z)}`` in mm for each present label.
     """
-    m = as_label_map(mask, "mask")
-    sp = check_spacing(spacing_mm if spacing_mm is not None else [1.0] * m.ndim, m.ndim)
-    aff = affine_for(sp, affine)
-    voxel_mm = _spacing_of(aff)
-    fg = foreground_box(m)
-    if fg is None:
-        return {}
-    view = m[tuple(slice(lo, hi) for lo, hi in fg)]
-    top = int(view.max())
-    objs = ndimage.find_objects(view, max_label=top)
-    want = None if labels is None else {int(v) for v in labels}
-    out: dict[int, tuple[float, ...]] = {}
-    for v in range(1, top + 1):
-        sl = objs[v - 1]
-        if sl is None or (want is not None and v not in want):
-            continue
-        sub = view[sl] == v
-        origin = [fg[k][0] + sl[k].start for k in range(m.ndim)]
-        body = None if v in _NO_BODY_LABELS else _body_in_view(sub, origin, m.shape, voxel_mm, fraction)
-        part = sub if body is None or not body.any() else body
-        out[v] = to_world(centroid_sums(part, origin) / np.count_nonzero(part), aff)
-    return out
+    def part(v, sub, origin, shape, voxel_mm):
+        body = None if v in _NO_BODY_LABELS else _body_in_view(sub, origin, shape, voxel_mm, fraction)
+        return sub if body is None or not body.any() else body
+
+    return _label_centroids(mask, affine, labels, spacing_mm, part)
