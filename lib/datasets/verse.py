@@ -460,7 +460,8 @@ def read_verse_centroids(path: Path, affine: np.ndarray, shape: Sequence[int],
 def centroid_file_for(mask_path: str | Path) -> Path | None:
     """The centroid file that belongs to a truth mask, if it exists beside it.
 
-    ``<stem>_seg-vert_msk.nii.gz`` -> ``<stem>_seg-subreg_ctd.json`` (BIDS releases);
+    ``<stem>_seg-vert_msk.nii.gz`` -> ``<stem>_seg-subreg_ctd.json`` or ``<stem>_seg-vb_ctd.json``
+    (BIDS releases);
     ``<stem>_seg.nii.gz`` -> ``<stem>_iso-ctd.json`` (challenge copies), ``<stem>_seg-subreg_ctd.json``
     or ``<stem>_ctd.json``. None when there is none.
     """
@@ -472,7 +473,7 @@ def centroid_file_for(mask_path: str | Path) -> Path | None:
             break
     else:
         stem = name
-    for cand in (f"{stem}_seg-subreg_ctd.json", f"{stem}_iso-ctd.json", f"{stem}_ctd.json"):
+    for cand in (f"{stem}_seg-subreg_ctd.json", f"{stem}_seg-vb_ctd.json", f"{stem}_iso-ctd.json", f"{stem}_ctd.json"):
         if (mask_path.parent / cand).is_file():
             return mask_path.parent / cand
     return None
