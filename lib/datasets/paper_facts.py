@@ -55,3 +55,8 @@ PAPER_TABLE2: dict[str, dict[str, dict[str, float]]] = {
                    "L6": {"DSC": 0.0, "HD95": 45.16}, "C1": {"DSC": 0.446}},
 }
 """CTSpine1K Table 2 values quoted in DESIGN §6 (nnU-Net 3d_fullres); only those cells, no others."""
+
+
+VERSE_CHALLENGE_BEST = {"identification_rate": 0.956, "localisation_mm_below": 2.0, "dice": 0.917}
+"""VerSe 2020's best challenge entry (DESIGN §6): identification rate, mean localisation error
+(below this many mm) and Dice, to set beside a Test_VerSe column."""

@@ -27,8 +27,10 @@ def test_build_table2_layout_and_paper_cells(folders):
     assert t.loc["C1", "test_public DSC"] == pytest.approx(s["mean"]["C1"]["dice"]["mean"])
     assert math.isnan(t.loc["L6", "test_public DSC"])  # not in these truths
     assert t.loc["Mean of Vertebrae", "mine HD95"] == pytest.approx(s["mean_of_vertebrae"]["hd95"]["mean"])
-    for col in ("ASSD", "NSD", "ID rate"):
+    for col in ("ASSD", "NSD", "ID rate", "Loc. (mm)"):
         assert f"test_public {col}" in t.columns
+    assert t.loc["Mean of Vertebrae", "mine Loc. (mm)"] == pytest.approx(s["mean_of_vertebrae"]["localisation_mm"]["mean"])
+    assert math.isnan(t.loc["Mean of Spine", "mine Loc. (mm)"])
     assert "(paper)" not in " ".join(evaluate.build_table2({"test_public": s}, with_paper=False).columns)
     md = evaluate.table2_markdown(t)
     assert "| Mean of Vertebrae | " in md

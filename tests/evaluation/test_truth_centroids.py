@@ -79,6 +79,8 @@ def test_evaluation_reads_the_truth_centroid_file_and_says_so(tmp_path):
     md = (tmp_path / "out" / "table2.md").read_text()
     assert "ID rate: Test_VerSe: verse_get_hits rule within 20 mm" in md
     assert "its centroid file for 2 case(s)" in md
+    assert "VerSe 2020's best challenge entry, for comparison: ID rate 0.956, localisation error < 2 mm" in md
+    assert "| Test_VerSe Loc. (mm) |" in md.splitlines()[0] + " |"
     # without the files both cases are scored on the estimate from the mask: all identified
     df2, s2 = evaluate_folders(gt_dir, pred_dir, None, labels=list(range(1, 29)), workers=0, progress=False,
                                centroid_files=False)
