@@ -9,7 +9,12 @@ from collections.abc import Mapping
 import pandas as pd
 
 from lib.core import labels as lab
-from lib.datasets.paper_facts import MEAN_OF_SPINE, MEAN_OF_VERTEBRAE, PAPER_TABLE2, VERSE_CHALLENGE_BEST
+from lib.datasets.paper_facts import (
+    MEAN_OF_SPINE,
+    MEAN_OF_VERTEBRAE,
+    PAPER_TABLE2,
+    VERSE_CHALLENGE_BEST,
+)
 
 
 def paper_set_name(set_name: str) -> str | None:
