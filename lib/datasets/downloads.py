@@ -154,13 +154,13 @@ def _verify_nifti_source(root: Path, src: str, expected: Mapping[str, int], chec
     return row, problems, listing.ignored
 
 
-def _verify_verse(root: Path, expected: Mapping[str, int], max_listed: int) -> tuple[dict, list[SourceProblem]]:
+def _verify_verse(root: Path, expected: Mapping[str, int]) -> tuple[dict, list[SourceProblem]]:
     """Table row and problems of VerSe under ``root/VerSe``, found as 02 finds it
     (:func:`lib.datasets.verse.discover_verse`: any number of BIDS dataset folders --
     ``dataset-verse19training/`` ... ``dataset-verse20test/`` -- or one bare BIDS folder, and
     challenge copies; a scan in several releases counts once). One problem per scan without its
     mask or centroid file, naming the missing path; the row's ``detail`` gives the scans per
-    release and the duplicates (``max_listed`` is unused: every problem is its own row)."""
+    release and the duplicates."""
     folder = root / "VerSe"
     found = discover_verse(folder)
     problems: list[SourceProblem] = []
@@ -181,13 +181,7 @@ def _verify_verse(root: Path, expected: Mapping[str, int], max_listed: int) -> t
     return row, problems
 
 
-def _as_problems(source: str, path: Path, found) -> list[SourceProblem]:
-    """A check's problems as rows: :class:`SourceProblem` as given, text as a row naming ``path``."""
-    return [p if isinstance(p, SourceProblem) else SourceProblem(source, str(path), str(p)) for p in found]
-
-
-def verify_sources(root: Path, expected: Mapping[str, int], check_headers: bool = True,
-                   max_listed: int = 20) -> VerifyReport:
+def verify_sources(root: Path, expected: Mapping[str, int], check_headers: bool = True) -> VerifyReport:
     """Check the user's downloads (paper profile) against the expected layout and counts.
 
     Expected layout under ``root`` (:mod:`lib.datasets.ctspine1k.source_layout`):
@@ -201,7 +195,6 @@ def verify_sources(root: Path, expected: Mapping[str, int], check_headers: bool 
         expected: minimum number of patients/volumes per source, e.g. ``{"COLONOG": 784}``.
         check_headers: open one DICOM header per patient and every NIfTI header (catches
             truncated downloads) - slower on the full data.
-        max_listed: passed to the VerSe check (every problem is its own row, so nothing is cut).
 
     Returns:
         :class:`VerifyReport`: one problem per path (``issues``; ``problems_table()``) and
@@ -220,9 +213,9 @@ def verify_sources(root: Path, expected: Mapping[str, int], check_headers: bool 
         rows.append(row)
         issues += found
         ignored += skipped
-    verse_row, verse_problems = _verify_verse(root, expected, max_listed)
+    verse_row, verse_problems = _verify_verse(root, expected)
     rows.append(verse_row)
-    issues += _as_problems("VerSe", root / "VerSe", verse_problems)
+    issues += verse_problems
     table = pd.DataFrame(rows).fillna({"folder": "", "ignored": 0}).astype({"ignored": int})
     table["status"] = np.where(table["missing"] > 0, "incomplete", "ok")
     return VerifyReport(table=table, issues=issues, ignored=ignored)

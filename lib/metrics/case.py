@@ -168,13 +168,15 @@ def evaluate_case(gt: np.ndarray, pred: np.ndarray, spacing_mm: Sequence[float],
         return []
     spine = _SpineSurface() if include_spine else None
     per_label = _scan_labels(gt, pred, fg, set(labels), spacing, method, spine)
-    if centroids == "body":
-        gt_c, pred_c = body_centroids_mm(gt, aff), body_centroids_mm(pred, aff)
+    in_gt = {v for v, s in per_label.items() if s[0].voxels}
+    given = {int(v): tuple(float(x) for x in c) for v, c in (gt_centroids or {}).items() if int(v) in in_gt}
+    if centroids == "body":  # the truth's estimate only where its file gives none
+        gt_c = body_centroids_mm(gt, aff, labels=in_gt - set(given)) if in_gt - set(given) else {}
+        pred_c = body_centroids_mm(pred, aff)
     else:
-        gt_c = {v: to_world(s[0].index_sum / s[0].voxels, aff) for v, s in per_label.items() if s[0].voxels}
+        gt_c = {v: to_world(per_label[v][0].index_sum / per_label[v][0].voxels, aff) for v in in_gt}
         pred_c = {v: to_world(s[1].index_sum / s[1].voxels, aff) for v, s in per_label.items() if s[1].voxels}
-    if gt_centroids is not None:
-        gt_c.update({int(v): tuple(float(x) for x in c) for v, c in gt_centroids.items() if int(v) in gt_c})
+    gt_c.update(given)
     ident = identification(gt_c, pred_c, max_dist_mm=max_dist_mm, rule=identification_rule)
     rows: list[dict] = []
     for v in labels:
