@@ -39,7 +39,7 @@ def export_nnunet(release_dir: str | Path, out_dir: str | Path, dataset_id: int 
         if check:
             faults = check_pair(f, m, allowed_labels=L.CTSPINE1K_LABELS)
             if faults:
-                skipped.append(f"{rid}: " + "; ".join(x.message for x in faults))
+                skipped.append(f"{rid}: " + "; ".join(f"{Path(x.path).name}: [{x.kind}] {x.message}" for x in faults))
                 continue
         link_or_copy(f, ds / "imagesTr" / f"{rid}_0000.nii.gz")
         link_or_copy(m, ds / "labelsTr" / f"{rid}.nii.gz")

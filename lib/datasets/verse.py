@@ -261,13 +261,13 @@ def inspect_verse_case(item: dict[str, Any]) -> dict[str, Any]:
         ``spacing_mm`` and ``mask_spacing_mm``.
     """
 
-    row: dict[str, Any] = {**item, "usable": False, "reason": "", "labels": "", "n_vertebrae": 0, "first": "",
-                           "last": "", "shape": "", "spacing_mm": "", "mask_spacing_mm": ""}
+    row: dict[str, Any] = {**item, "usable": False, "reason": "", "fault": False, "labels": "", "n_vertebrae": 0,
+                           "first": "", "last": "", "shape": "", "spacing_mm": "", "mask_spacing_mm": ""}
     border_mm = float(item.get("border_mm", 4.0))
     end_mm = float(item.get("end_margin_mm", 15.0))
     for key in ("image", "mask"):
         if not Path(item[key]).exists():
-            row["reason"] = f"{key} missing: {item[key]}"
+            row["reason"], row["fault"] = f"{key} missing: {item[key]}", True
             return row
     faults = check_pair(item["image"], item["mask"], allowed_labels=L.VERSE_LABELS)
     img = load_volume(item["image"])
@@ -277,9 +277,10 @@ def inspect_verse_case(item: dict[str, Any]) -> dict[str, Any]:
         msk = load_volume(item["mask"])
         row["mask_spacing_mm"] = " ".join(f"{v:.3g}" for v in msk.spacing)
     except Exception as exc:  # reported through faults too
-        row["reason"] = str(exc)
+        row["reason"], row["fault"] = str(exc), True
         return row
     if faults:
+        row["fault"] = True
         if not np.allclose(msk.spacing, img.spacing, atol=1e-3):
             row["reason"] = (f"mask spacing {row['mask_spacing_mm']} mm differs from image spacing "
                              f"{row['spacing_mm']} mm")
@@ -291,7 +292,7 @@ def inspect_verse_case(item: dict[str, Any]) -> dict[str, Any]:
     row["labels"] = " ".join(L.name(v) for v in present)
     row["n_vertebrae"] = len(present)
     if not present:
-        row["reason"] = "empty mask"
+        row["reason"], row["fault"] = "empty mask", True
         return row
     row["first"], row["last"] = L.name(present[0]), L.name(present[-1])
     if present[0] != 1:
@@ -348,7 +349,7 @@ def select_pretraining_cases(verse_root: str | Path | VerseDiscovery, workers: i
             rows.append(res.values[it["case_id"]])
         else:
             msg = next(f.message for f in res.failures if f.case_id == it["case_id"]).splitlines()[0]
-            rows.append({**it, "usable": False, "reason": f"unreadable: {msg}"})
+            rows.append({**it, "usable": False, "reason": f"unreadable: {msg}", "fault": True})
     table = pd.DataFrame(rows).drop(columns=["border_mm", "end_margin_mm"], errors="ignore")
     usable = [(r["case_id"], r["image"], r["mask"]) for r in rows if r["usable"]]
     return usable, table

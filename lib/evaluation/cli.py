@@ -1,4 +1,9 @@
-"""``spine1k evaluate`` (also ``python -m lib.evaluation``): evaluate two folders and write the tables."""
+"""``spine1k evaluate`` (also ``python -m lib.evaluation``): evaluate two folders and write the tables.
+
+Exit status: 0 every case scored; 3 some case failed (each listed on stderr: id, file, fault;
+its rows are scored Dice 0 in the tables); 2 usage error (bad arguments, a missing folder:
+one line, no traceback).
+"""
 
 from __future__ import annotations
 
@@ -12,15 +17,27 @@ from lib.core import labels as lab
 from lib.core.parallel import CaseFailuresError
 from lib.evaluation.folders import (
     PER_CASE_CSV,
+    RESULTS_MANIFEST,
     SUMMARY_JSON,
     TABLE2_CSV,
     TABLE2_MD,
     evaluate_folders,
 )
 
+EXIT_OK, EXIT_USAGE, EXIT_FAILED_CASES = 0, 2, 3
+
+
+def _fault_text(failure: dict) -> str:
+    """A failure's fault without the leading file name (printed beside it)."""
+    lines = str(failure.get("message", "")).strip().splitlines()
+    msg = lines[0] if lines else ""
+    file = str(failure.get("file", "") or "")
+    return msg[len(file) + 2:] if file and msg.startswith(f"{file}: ") else msg
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: evaluate two folders and write the tables. Returns the exit status."""
+    """Command line: evaluate two folders and write the tables. Returns the exit status
+    (:data:`EXIT_OK`, :data:`EXIT_FAILED_CASES` when some case failed, :data:`EXIT_USAGE`)."""
     ap = argparse.ArgumentParser(prog="spine1k evaluate",
                                  description="Per-vertebra Dice, HD95, ASSD, NSD and identification "
                                              "of predicted label maps against truths.")
@@ -53,9 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        on_error="collect", set_name=args.set_name,
                                        progress=not args.no_progress, identification_rule=args.id_rule,
                                        centroids=args.centroids, centroid_files=not args.no_centroid_files)
-    except (ValueError, FileNotFoundError, CaseFailuresError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, CaseFailuresError) as exc:
+        print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}", file=sys.stderr)
+        return EXIT_USAGE
     mov, mos = summary["mean_of_vertebrae"], summary["mean_of_spine"]
     print(f"{summary['n_cases']} cases ({summary['n_missing_cases']} missing predictions, "
           f"{summary['n_failed_cases']} failed); HD95 definition: {summary['hd95_definition']}")
@@ -68,9 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for cid in summary["missing_cases"]:
         print(f"missing prediction: {cid}", file=sys.stderr)
     for f in summary["failed_cases"]:
-        print(f"failed: {f['case_id']}: {f['message'].splitlines()[0]}", file=sys.stderr)
-    print(f"wrote {Path(args.out) / PER_CASE_CSV}, {SUMMARY_JSON}, {TABLE2_CSV}, {TABLE2_MD}")
-    return 1 if summary["failed_cases"] else 0
+        print(f"failed case {f['case_id']}: {f.get('file') or '-'}: [{f.get('kind', 'error')}] {_fault_text(f)}",
+              file=sys.stderr)
+    print(f"wrote {Path(args.out) / PER_CASE_CSV}, {SUMMARY_JSON}, {TABLE2_CSV}, {TABLE2_MD}, {RESULTS_MANIFEST}")
+    return EXIT_FAILED_CASES if summary["failed_cases"] else EXIT_OK
 
 
 if __name__ == "__main__":

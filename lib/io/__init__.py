@@ -13,7 +13,23 @@ from lib.io.atomic import (
     move_atomic,
     write_text,
 )
-from lib.io.integrity import Fault, IntegrityError, check_pair, require_pair
+from lib.io.integrity import (
+    DEFAULT_AFFINE_ATOL_MM,
+    FAULT_KINDS,
+    Fault,
+    IntegrityError,
+    affine_offset_mm,
+    check_image,
+    check_mask,
+    check_pair,
+    grid_faults,
+    image_faults,
+    label_counts,
+    load_checked,
+    mask_faults,
+    require_pair,
+    verify_case,
+)
 from lib.io.nifti import (
     FAST_GZIP,
     NIBABEL_GZ_OPENER,
@@ -33,6 +49,8 @@ from lib.io.nifti import (
 )
 
 __all__ = [
+    "DEFAULT_AFFINE_ATOL_MM", "FAULT_KINDS", "affine_offset_mm", "check_image", "check_mask", "grid_faults",
+    "image_faults", "label_counts", "load_checked", "mask_faults", "verify_case",
     "FAST_GZIP", "NIBABEL_GZ_OPENER", "NIFTI_SUFFIXES", "PARTIAL_DIR", "Fault", "IntegrityError", "NiftiReadError",
     "Volume", "atomic_path", "canonical_geometry", "atomic_write", "check_pair", "link_or_copy", "load_volume", "move_atomic",
     "nifti_bytes", "register_fast_gzip", "require_pair", "save_like", "save_volume", "spacing_from_affine",

@@ -28,7 +28,7 @@ def plot_dice_per_label(per_case: pd.DataFrame, title: str = "") -> Figure:
         A matplotlib Figure: one bar per vertebra in craniocaudal order, coloured by
         :mod:`lib.core.labels`, the binary spine as a line.
     """
-    df = per_case[per_case["status"].isin(["detected", "missed"])] if "status" in per_case else per_case
+    df = per_case[per_case["status"].isin(["detected", "missed", "failed"])] if "status" in per_case else per_case
     vert = df[df["label"] > 0]
     spine = df[df["label"] == 0]["dice"].mean() if (df["label"] == 0).any() else float("nan")
     labs = L.ordered(sorted(set(int(v) for v in vert["label"])))

@@ -13,9 +13,13 @@ def test_build_table2_layout_and_paper_cells(folders):
     gt_dir, pred_dir = folders
     _, s = evaluate.evaluate_folders(gt_dir, pred_dir, None, workers=0, progress=False)
     t = evaluate.build_table2({"test_public": s, "mine": s})
-    assert list(t.index[:2]) == ["C1", "C2"]
+    assert list(t.index[:5]) == ["Cases", "Failed", "Missing", "C1", "C2"]
     assert list(t.index[-3:]) == ["L6", "Mean of Vertebrae", "Mean of Spine"]
-    assert len(t) == 27
+    assert len(t) == 30
+    assert t.loc["Cases", "test_public DSC"] == 3
+    assert t.loc["Missing", "mine HD95"] == 1
+    assert t.loc["Failed", "test_public DSC"] == 0
+    assert math.isnan(t.loc["Cases", "test_public DSC (paper)"])
     assert t.loc["Mean of Vertebrae", "test_public DSC (paper)"] == 0.869
     assert t.loc["Mean of Vertebrae", "test_public HD95 (paper)"] == 5.40
     assert t.loc["Mean of Spine", "test_public HD95 (paper)"] == 1.0
@@ -34,6 +38,8 @@ def test_build_table2_layout_and_paper_cells(folders):
     assert "(paper)" not in " ".join(evaluate.build_table2({"test_public": s}, with_paper=False).columns)
     md = evaluate.table2_markdown(t)
     assert "| Mean of Vertebrae | " in md
+    assert "| Cases | 3 | " in md  # counts as integers
+    assert "⚠" not in md  # no failed case, no marker
     assert "pooled" in md
     assert evaluate.paper_set_name("Test_VerSe") == "Test_VerSe"
     assert evaluate.paper_set_name("test_private") == "Test_private"

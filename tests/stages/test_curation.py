@@ -160,7 +160,7 @@ def test_table1_and_exports_with_masks(sources, tmp_path):
         assert (ds / "labelsTr" / f"{r}.nii.gz").exists()
     tests = [r for r, s in split.assignment.items() if s != "trainset"]
     assert sorted(p.name for p in (ds / "imagesTs").iterdir()) == sorted(f"{r}_0000.nii.gz" for r in tests)
-    assert f"{bad}: mask shape" in (ds / "skipped.txt").read_text()
+    assert f"{bad}: {bad}_seg.nii.gz: [shape] shape (5, 5, 5) differs" in (ds / "skipped.txt").read_text()
     assert nnunet.export_nnunet(cfg.release_dir, tmp_path / "nnunet", 501, "CTSpine1K") == ds  # idempotent
 
     # VerSe centroids: read back with the VerSe reader, they are the masks' centres of mass
