@@ -115,13 +115,17 @@ def predict(ctx: StageContext, model_dir: Path, cases: Sequence[Case]) -> tuple[
         c.prediction.parent.mkdir(parents=True, exist_ok=True)
     items = [(f"{c.split}/{c.case_id}", str(c.image), str(c.prediction)) for c in out]
     res = predict_cases(model_dir, items, workers=ctx.P.workers, tta=ctx.P.tta, device=ctx.P.device, on_error="collect")
+    ctx.add_failures("predict", res.failures)
     return out, res
 
 
 def evaluate(ctx: StageContext, cases: Sequence[Case]) -> tuple[pd.DataFrame, dict[str, dict], pd.DataFrame]:
     """Evaluate per set (``evaluation/<set>/``); returns the per-case rows, the summaries and the
-    per-case scores (written as ``tables/case_scores.csv``)."""
+    per-case scores (written as ``tables/case_scores.csv``). A case that could not be predicted
+    or scored is in every table as a failure (Dice 0, ``failed``) and in ``failed_cases.csv``."""
     per_case, summaries = evaluate_sets(cases, ctx.dir / "evaluation", hd95=ctx.P.hd95, workers=ctx.P.workers)
+    for set_name, summary in summaries.items():
+        ctx.add_failures(f"evaluate {set_name}", summary.get("failed_cases", []))
     scores = case_scores(per_case)
     ctx.save_table(scores, "case_scores.csv")
     return per_case, summaries, scores
@@ -147,18 +151,27 @@ def write_table1(ctx: StageContext) -> pd.DataFrame:
     return table1
 
 
+def scored_cases(scores: pd.DataFrame) -> pd.DataFrame:
+    """The per-case scores of the cases that were scored (failed cases have nothing to draw)."""
+    return scores[~scores["failed"].astype(bool)] if "failed" in scores else scores
+
+
 def median_case(scores: pd.DataFrame, cases: Sequence[Case]) -> Case:
-    """The case of median mean vertebra Dice."""
+    """The scored case of median mean vertebra Dice."""
+    scores = scored_cases(scores)
+    if scores.empty:
+        raise ValueError("no test case was scored: nothing to draw (see failed_cases.csv)")
     median = scores.sort_values("mean_vertebra_dice").iloc[len(scores) // 2]
     return next(c for c in cases if c.case_id == median["case_id"] and c.split == median["set"])
 
 
 def save_figures(ctx: StageContext, table2: pd.DataFrame, scores: pd.DataFrame, cases: Sequence[Case]) -> list[Path]:
-    """Dice by vertebra (paper beside run), best / median / worst, a 3D render of the median case."""
+    """Dice by vertebra (paper beside run), best / median / worst of the scored cases, a 3D render
+    of the median case."""
     c = median_case(scores, cases)
     render = plot_3d(load_volume(c.prediction).array, load_volume(c.image).spacing, title=f"{c.case_id}: prediction")
     return [ctx.save_figure(plot_dice_by_vertebra(table2), "dice_by_vertebra.png"),
-            ctx.save_figure(plot_gallery(scores, cases), "gallery_best_median_worst.png"),
+            ctx.save_figure(plot_gallery(scored_cases(scores), cases), "gallery_best_median_worst.png"),
             ctx.save_figure(render, "render3d_median_prediction.png", dpi=90)]
 
 
@@ -177,4 +190,5 @@ def record(ctx: StageContext, result: TrainResult, init: Path | None, pred: MapR
         "train": result.to_json(), "init_from": str(init), "prediction_failures": [str(f) for f in pred.failures],
         "mean_of_vertebrae": {s: v.get("mean_of_vertebrae", {}).get("dice", {}).get("mean") for s, v in summaries.items()},
         "hd95_definition": ctx.P.hd95, "test_verse_definition": verse_definition(ctx),
-        "cases_per_set": {s: v.get("n_cases") for s, v in summaries.items()}})
+        "cases_per_set": {s: v.get("n_cases") for s, v in summaries.items()},
+        "failed_per_set": {s: len(v.get("failed_cases", [])) for s, v in summaries.items()}})

@@ -14,11 +14,13 @@ import numpy as np
 import pandas as pd
 
 from lib.core.cases import Case
+from lib.core.parallel import CaseFailure
 from lib.core.paths import prediction_path
 from lib.datasets.benchmark_sets import benchmark_test_cases
 from lib.evaluation.sets import evaluate_sets
-from lib.evaluation.summary import case_scores
+from lib.evaluation.summary import SCORED_STATUSES, case_scores
 from lib.imaging.label_shift import correct_label_shift, dislocation, label_shift_table, variant_of
+from lib.io.integrity import verify_case
 from lib.io.nifti import load_volume, save_like
 from lib.stages.context import StageContext, print_environment  # noqa: F401  (notebook API)
 from lib.viz.gallery import plot_shift_cases
@@ -43,34 +45,58 @@ def corrected_cases(ctx: StageContext, cases: Sequence[Case]) -> list[Case]:
     return [c.with_prediction(prediction_path(ctx.dir, c.split, c.case_id, "corrected")) for c in cases]
 
 
+def shift_case(ctx: StageContext, c: Case, anchors: str = "both") -> dict:
+    """Detector and correction on one case (its 04 prediction attached): the row of
+    :func:`label_shift_cases`; the corrected mask goes to ``corrected/<set>/``.
+
+    Raises:
+        lib.io.IntegrityError: the image, truth or prediction is unreadable, not finite, or the
+            truth / prediction does not lie on the image's grid (file and fault named).
+    """
+    verify_case(c.image, c.mask, require_nonempty=True)
+    verify_case(c.image, c.prediction)
+    img = load_volume(c.image)
+    gt = np.asarray(load_volume(c.mask).array, dtype=np.uint8)
+    pv = load_volume(c.prediction)
+    pred = np.asarray(pv.array, dtype=np.uint8)
+    tab = label_shift_table(gt, pred, img.affine)
+    d = dislocation(tab)
+    fixed, info = correct_label_shift(np.asarray(img.array), pred, img.affine, anchors=anchors)
+    save_like(fixed, pv, prediction_path(ctx.dir, c.split, c.case_id, "corrected"), dtype=np.uint8)
+    after = dislocation(label_shift_table(gt, fixed, img.affine))
+    return {"set": c.split, "case_id": c.case_id, "variant": variant_of(gt) or "normal",
+            "dislocated": d.dislocated, "offset": d.offset, "run_length": d.run_length,
+            "shifted_labels": " ".join(d.shifted_labels), "correction_applied": info.applied,
+            "anchor": info.anchor, "shift": info.shift, "labels_before": " ".join(info.labels_before),
+            "labels_after": " ".join(info.labels_after), "dislocated_after": after.dislocated,
+            "failed": False, "failure": ""}
+
+
 def label_shift_cases(ctx: StageContext, cases: Sequence[Case], anchors: str = "both") -> pd.DataFrame:
     """Dislocation detector and correction on every test case.
 
     For each case (its 04 prediction attached): the label-shift table of the prediction, whether
     it is dislocated, the truth's variant (:func:`lib.imaging.label_shift.variant_of`), and our
     correction; the corrected mask is saved under ``corrected/<set>/``; ``anchors``: see
-    :func:`lib.imaging.label_shift.correct_label_shift`.
+    :func:`lib.imaging.label_shift.correct_label_shift`. A case whose files are unreadable or
+    invalid stays in the table as ``variant`` "failed" (``failed`` True, the message in
+    ``failure``; not dislocated, not corrected) and goes to ``failed_cases.csv``; the others go on.
 
     Returns:
         One row per case: dislocated, offset, run length, shifted labels, variant, whether the
-        correction was applied, its anchor and shift, labels before/after.
+        correction was applied, its anchor and shift, labels before/after, failed.
     """
     rows = []
     for c in cases:
-        img = load_volume(c.image)
-        gt = np.asarray(load_volume(c.mask).array, dtype=np.uint8)
-        pv = load_volume(c.prediction)
-        pred = np.asarray(pv.array, dtype=np.uint8)
-        tab = label_shift_table(gt, pred, img.affine)
-        d = dislocation(tab)
-        fixed, info = correct_label_shift(np.asarray(img.array), pred, img.affine, anchors=anchors)
-        save_like(fixed, pv, prediction_path(ctx.dir, c.split, c.case_id, "corrected"), dtype=np.uint8)
-        after = dislocation(label_shift_table(gt, fixed, img.affine))
-        rows.append({"set": c.split, "case_id": c.case_id, "variant": variant_of(gt) or "normal",
-                     "dislocated": d.dislocated, "offset": d.offset, "run_length": d.run_length,
-                     "shifted_labels": " ".join(d.shifted_labels), "correction_applied": info.applied,
-                     "anchor": info.anchor, "shift": info.shift, "labels_before": " ".join(info.labels_before),
-                     "labels_after": " ".join(info.labels_after), "dislocated_after": after.dislocated})
+        try:
+            rows.append(shift_case(ctx, c, anchors))
+        except Exception as exc:  # listed per case (failed_cases.csv), the others go on
+            msg = f"{type(exc).__name__}: {exc}"
+            ctx.add_failures("detect_and_correct", [CaseFailure(f"{c.split}/{c.case_id}", msg)])
+            rows.append({"set": c.split, "case_id": c.case_id, "variant": "failed", "dislocated": False,
+                         "offset": 0, "run_length": 0, "shifted_labels": "", "correction_applied": False,
+                         "anchor": "", "shift": 0, "labels_before": "", "labels_after": "",
+                         "dislocated_after": False, "failed": True, "failure": msg})
     return pd.DataFrame(rows)
 
 
@@ -91,7 +117,7 @@ def compare_correction(before: pd.DataFrame, after: pd.DataFrame, shift: pd.Data
 def correction_summary(scores: pd.DataFrame) -> pd.DataFrame:
     """Means before/after per group: all, dislocated, normal (no variant, not dislocated),
     and each variant."""
-    groups = {"all": scores, "dislocated": scores[scores["dislocated"]],
+    groups = {"all": scores, "dislocated": scores[scores["dislocated"].astype(bool)],
               "normal": scores[(scores["variant"] == "normal") & ~scores["dislocated"]]}
     for v in sorted(set(scores["variant"]) - {"normal"}):
         groups[f"variant {v}"] = scores[scores["variant"] == v]
@@ -111,22 +137,26 @@ def label_before_after(before: pd.DataFrame, after: pd.DataFrame, name: str) -> 
     for set_name in dict.fromkeys(before["set"]):
         r = {"set": set_name, "vertebra": name}
         for tag, df in (("before", before), ("after", after)):
-            sub = df[(df["set"] == set_name) & (df["name"] == name) & df["status"].isin(["detected", "missed"])]
+            sub = df[(df["set"] == set_name) & (df["name"] == name) & df["status"].isin(SCORED_STATUSES)]
             r["cases"] = len(sub)
             r[f"dice_{tag}"] = sub["dice"].mean() if len(sub) else np.nan
-            r[f"id_rate_{tag}"] = sub["identified"].mean() if len(sub) else np.nan
-            r[f"missed_{tag}"] = int((sub["status"] == "missed").sum())
+            r[f"id_rate_{tag}"] = sub["identified"].astype(float).mean() if len(sub) else np.nan
+            r[f"missed_{tag}"] = int(sub["status"].isin(["missed", "failed"]).sum())
+            r[f"failed_{tag}"] = int((sub["status"] == "failed").sum())
         rows.append(r)
     return pd.DataFrame(rows)
 
 
 def evaluate_before_after(ctx: StageContext, cases: Sequence[Case]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Evaluate the baseline (``evaluation/``, as 04 did) and the corrected masks
-    (``evaluation_corrected/``); returns both per-case tables."""
-    before, _ = evaluate_sets(cases, ctx.paths.stage("04_benchmark") / "evaluation", hd95=ctx.P.hd95,
-                              workers=ctx.P.workers)
-    after, _ = evaluate_sets(corrected_cases(ctx, cases), ctx.dir / "evaluation_corrected", hd95=ctx.P.hd95,
-                             workers=ctx.P.workers)
+    """Evaluate 04's predictions (``evaluation_baseline/``, as 04 did; 04's own folder is never
+    written by this stage) and the corrected masks (``evaluation_corrected/``); returns both
+    per-case tables. Cases that cannot be scored are failures in both (Dice 0, listed)."""
+    before, s_before = evaluate_sets(cases, ctx.dir / "evaluation_baseline", hd95=ctx.P.hd95, workers=ctx.P.workers)
+    after, s_after = evaluate_sets(corrected_cases(ctx, cases), ctx.dir / "evaluation_corrected", hd95=ctx.P.hd95,
+                                   workers=ctx.P.workers)
+    for tag, summaries in (("baseline", s_before), ("corrected", s_after)):
+        for set_name, summary in summaries.items():
+            ctx.add_failures(f"evaluate {tag} {set_name}", summary.get("failed_cases", []))
     return before, after
 
 

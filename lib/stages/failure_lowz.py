@@ -19,13 +19,14 @@ import pandas as pd
 from lib import metrics
 from lib.core import labels as L
 from lib.core.cases import Case
-from lib.core.parallel import map_cases
+from lib.core.parallel import CaseFailure, map_cases
 from lib.core.paths import find_model_dir
 from lib.datasets.ctspine1k.ids import infer_source
 from lib.datasets.ctspine1k.release import annotated_cases
 from lib.evaluation.folders import truth_centroids
 from lib.imaging.resampling import resample_nearest
 from lib.imaging.thick_slices import thick_slice_volume
+from lib.io.integrity import verify_case
 from lib.io.nifti import load_volume, save_volume
 from lib.ml import inference
 from lib.ml.trainer import TrainResult, train
@@ -113,6 +114,7 @@ def run_lowz_job(job: LowzJob) -> dict:
         _MODEL_CACHE.clear()
         _MODEL_CACHE[job.model_dir] = inference.load_model(job.model_dir, device=job.device)
     model = _MODEL_CACHE[job.model_dir]
+    verify_case(job.image, job.truth, require_nonempty=True)
     img = load_volume(job.image)
     gt = np.asarray(load_volume(job.truth).array, dtype=np.uint8)
     native_z = float(img.spacing[2])
@@ -131,22 +133,34 @@ def run_lowz_job(job: LowzJob) -> dict:
     return {"case_id": job.case_id, "set": job.set_name, "z_mm": job.z_mm, "native_z_mm": native_z,
             "thick_slices": int(thick.shape[2]), "mean_vertebra_dice": float(np.mean([r["dice"] for r in vert])) if vert else np.nan,
             "spine_dice": spine.get("dice", np.nan), "mean_hd95_mm": float(np.mean(hd)) if hd else np.nan,
-            "identification_rate": float(np.mean([bool(r.get("identified")) for r in vert])) if vert else np.nan}
+            "identification_rate": float(np.mean([bool(r.get("identified")) for r in vert])) if vert else np.nan,
+            "failed": False, "failure": ""}
 
 
 def lowz_sweep(model_dir: Path, cases: Sequence[Case], z_list: Sequence[float], work_dir: Path, model_name: str,
                workers: int = 0, device: str = "auto") -> pd.DataFrame:
-    """Per case and z spacing: Dice / HD95 / identification of ``model_dir`` on thick-slice images."""
+    """Per case and z spacing: Dice / HD95 / identification of ``model_dir`` on thick-slice images.
+
+    A (case, z) that fails stays in the table, scored as a failure: ``failed`` True, the message in
+    ``failure``, vertebra and spine Dice 0 and identification 0 (so it pulls every mean down, as a
+    missed case would); HD95 missing."""
     jobs = [LowzJob(c.case_id, c.split, str(c.image), str(c.mask), float(z), str(model_dir), str(work_dir), device)
             for z in z_list for c in cases]
     res = map_cases(run_lowz_job, jobs, ids=[f"{model_name}/{j.set_name}/{j.case_id}/z{j.z_mm:g}" for j in jobs],
                     workers=workers, on_error="collect", desc=f"low-z {model_name}")
-    if res.failures:
-        print(f"low-z sweep: {len(res.failures)} failed: " + "; ".join(str(f) for f in res.failures[:5]))
     if not res.values:
         raise RuntimeError(f"low-z sweep of {model_name} ({model_dir}): all {len(jobs)} predictions failed; first: "
                            + (str(res.failures[0]) if res.failures else "no cases"))
-    df = pd.DataFrame(list(res.values.values()))
+    failed = {f.case_id: f.message for f in res.failures}
+    rows = []
+    for job, key in zip(jobs, [f"{model_name}/{j.set_name}/{j.case_id}/z{j.z_mm:g}" for j in jobs], strict=True):
+        if key in failed:
+            rows.append({"case_id": job.case_id, "set": job.set_name, "z_mm": job.z_mm, "native_z_mm": np.nan,
+                         "thick_slices": 0, "mean_vertebra_dice": 0.0, "spine_dice": 0.0, "mean_hd95_mm": np.nan,
+                         "identification_rate": 0.0, "failed": True, "failure": failed[key]})
+        else:
+            rows.append(res.values[key])
+    df = pd.DataFrame(rows)
     df.insert(0, "model", model_name)
     return df
 
@@ -158,7 +172,7 @@ def summarise_lowz(per_case: pd.DataFrame, subset_of) -> pd.DataFrame:
     parts = [df.assign(subset="all"), df]
     both = pd.concat(parts, ignore_index=True)
     g = both.groupby(["model", "subset", "z_mm"])
-    out = g.agg(cases=("case_id", "nunique"), mean_vertebra_dice=("mean_vertebra_dice", "mean"),
+    out = g.agg(cases=("case_id", "nunique"), failed=("failed", "sum"), mean_vertebra_dice=("mean_vertebra_dice", "mean"),
                 sd_vertebra_dice=("mean_vertebra_dice", "std"), spine_dice=("spine_dice", "mean"),
                 mean_hd95_mm=("mean_hd95_mm", "mean"), identification_rate=("identification_rate", "mean"),
                 native_z_mm=("native_z_mm", "mean")).reset_index()
@@ -172,6 +186,8 @@ def sweep(ctx: StageContext, models: dict[str, Path], cases: Sequence[Case], sub
     per_case = pd.concat([lowz_sweep(model_dir, cases, ctx.P.z_mm_list, ctx.dir / "work", name, workers=ctx.P.workers,
                                      device=ctx.P.device) for name, model_dir in models.items()], ignore_index=True)
     ctx.save_table(per_case, "lowz_per_case.csv")
+    for r in per_case[per_case["failed"].astype(bool)].itertuples():
+        ctx.add_failures(f"sweep {r.model} z{r.z_mm:g}", [CaseFailure(f"{r.set}/{r.case_id}", r.failure)])
     summary = summarise_lowz(per_case, subset_of.get)
     ctx.save_table(summary, "dice_vs_z.csv")
     return per_case, summary

@@ -59,9 +59,15 @@ def verse_root(ctx: StageContext) -> Path:
 def select(ctx: StageContext) -> tuple[list[Triple], pd.DataFrame]:
     """The usable VerSe scans and the selection table (``tables/verse_selection.csv``), one row per
     scan (case id, subject, release, layout, files) with the reason it was left out; the copies of
-    scans found in several releases go to ``tables/verse_duplicates.csv`` (one kept)."""
+    scans found in several releases go to ``tables/verse_duplicates.csv`` (one kept). A scan left
+    out for a fault of its files (unreadable, NaN, mask off the image's grid, bad labels, empty
+    mask; ``fault`` in the table) is also a failed case (``failed_cases.csv``); one left out by the
+    paper's rules (cropped) is not."""
     found = discover_verse(verse_root(ctx))
     usable, selection = select_pretraining_cases(found, workers=ctx.P.workers)
+    faulty = selection[selection["fault"].astype(bool)] if "fault" in selection else selection.iloc[:0]
+    ctx.add_failures("selection", [{"case_id": r.case_id, "file": r.image, "kind": "fault", "message": r.reason}
+                                   for r in faulty.itertuples()])
     ctx.save_table(selection, "verse_selection.csv")
     ctx.save_table(found.duplicates, DUPLICATES_TABLE)
     print("VerSe scans per release:", found.per_release())
@@ -149,7 +155,10 @@ def evaluate_scans(ctx: StageContext, cases: Sequence[Triple], labels: Sequence[
         pred = predict_cases(ctx.models, prediction_items(cases, pred_dir), workers=P.workers, tta=P.tta,
                              device=P.device, overwrite=True)
     print(pred.summary(), f"| {ctx.timings[f'predict_{name}'] / len(cases):.2f} s per scan")
-    table, summary = evaluate_pairs(evaluation_pairs(cases, pred_dir), labels=labels, hd95=P.hd95, workers=P.workers)
+    ctx.add_failures(f"predict {name}", pred.failures)
+    table, summary = evaluate_pairs(evaluation_pairs(cases, pred_dir), labels=labels, hd95=P.hd95, workers=P.workers,
+                                    on_error="collect")
+    ctx.add_failures(f"evaluate {name}", summary.get("failed_cases", []))
     write_results(table, summary, ctx.tables / name, set_name=set_name)
     ctx.save_figure(plot_dice_per_label(table), f"{name}_dice_per_vertebra.png")
     first = cases[0]

@@ -20,6 +20,7 @@ from lib.core.paths import SPLITS
 from lib.core.seeding import stable_seed
 from lib.imaging.label_shift import variant_of
 from lib.io import Volume, load_volume, save_like
+from lib.io.integrity import verify_case
 from lib.metrics.overlap import mean_vertebra_dice
 from lib.stages.annotation.ledger import Ledger, now
 from lib.stages.annotation.tiers import TIERS, SimulatedTiers
@@ -59,7 +60,8 @@ def plan_batches(cases: Sequence[Case], batch_size: int, seed: int) -> list[list
 
 def run_rounds(ledger: Ledger, cases: Sequence[Case], cfg: LoopConfig, model_path: Path,
                predict: Predictor, finetune: Finetuner, truth_for: TruthProvider,
-               annotators: SimulatedTiers, work_dir: Path, log=print) -> pd.DataFrame:
+               annotators: SimulatedTiers, work_dir: Path, log=print,
+               on_failure: Callable[[Case, Exception], None] | None = None) -> pd.DataFrame:
     """Run (or resume) every annotation round; returns the per-round table.
 
     Per round: pre-annotate the batch with the current model, run the tiers, accept the final
@@ -69,6 +71,10 @@ def run_rounds(ledger: Ledger, cases: Sequence[Case], cfg: LoopConfig, model_pat
     Resuming: accepted cases are skipped; a finished round's model is reused; an interrupted
     fine-tune is re-entered (the trainer resumes from its checkpoint). Results equal an
     uninterrupted run's because every random draw is seeded by (seed, case, round).
+
+    A case that raises (unreadable image, non-finite CT, a pre-annotation off the image's grid)
+    goes to ``on_failure(case, error)`` and stays un-accepted (a re-run tries it again), while the
+    round goes on with the others; without ``on_failure`` the error propagates.
     """
     work_dir = Path(work_dir)
     batches = plan_batches(cases, cfg.batch_size, cfg.seed)
@@ -86,7 +92,12 @@ def run_rounds(ledger: Ledger, cases: Sequence[Case], cfg: LoopConfig, model_pat
         todo = [c for c in batch if ledger.case_status(c.case_id) != "accepted"]
         log(f"round {r} ({split}, model v{version}): {len(batch) - len(todo)} already accepted, {len(todo)} to annotate")
         for case in todo:
-            _annotate_case(ledger, case, r, version, current, predict, truth_for, annotators, work_dir)
+            try:
+                _annotate_case(ledger, case, r, version, current, predict, truth_for, annotators, work_dir)
+            except Exception as exc:  # handed to on_failure (listed per case) when given
+                if on_failure is None:
+                    raise
+                on_failure(case, exc)
         if split == "trainset" and cfg.retrain:
             train_cases = [c for c in cases if c.split == "trainset" and ledger.case_status(c.case_id) == "accepted"]
             new_path = finetune(train_cases, current, work_dir / "models" / f"round_{r:02d}", r)
@@ -97,6 +108,7 @@ def run_rounds(ledger: Ledger, cases: Sequence[Case], cfg: LoopConfig, model_pat
 
 def _annotate_case(ledger, case: Case, r, version, model_path, predict, truth_for, annotators, work_dir) -> None:
     pre_path = work_dir / "preannotations" / f"round_{r:02d}" / f"{case.case_id}_seg.nii.gz"
+    verify_case(case.image)
     if not pre_path.exists():
         predict(model_path, case.image, pre_path)
     img = load_volume(case.image)

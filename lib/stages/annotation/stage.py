@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from lib.core.cases import Case
+from lib.core.parallel import CaseFailure
 from lib.core.paths import find_model_dir
 from lib.datasets.ctspine1k.release import find_special_cases, release_cases, write_readme
 from lib.imaging.label_shift import level_offsets, variant_of
@@ -100,10 +101,15 @@ def run(ctx: StageContext, ledger: Ledger, cases: Sequence[Case], cfg: LoopConfi
         print(f"round {r}: accepted {outcome.accepted}; waiting for {len(outcome.waiting)} cases; refused:")
         for cid, why in outcome.refused.items():
             print(f"  {cid}: {why}")
+        ctx.add_failures("import", [CaseFailure(cid, str(why)) for cid, why in outcome.refused.items()])
         return outcome
     finetune = model_finetuner(P.finetune_epochs, P.finetune_lr or None, P.seed, device=P.device,
                                num_threads=P.num_threads, cache_dir=ctx.dir / "cache")
-    run_rounds(ledger, cases, cfg, model0, predict, finetune, truth_for, SimulatedTiers(tier_models, seed=P.seed), ctx.dir)
+    def failed(case: Case, exc: Exception) -> None:
+        ctx.add_failures("annotate", [CaseFailure(f"{case.split}/{case.case_id}", f"{type(exc).__name__}: {exc}")])
+
+    run_rounds(ledger, cases, cfg, model0, predict, finetune, truth_for, SimulatedTiers(tier_models, seed=P.seed),
+               ctx.dir, on_failure=failed)
     return None
 
 

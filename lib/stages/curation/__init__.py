@@ -7,6 +7,7 @@
 
 from lib.stages.context import print_environment
 from lib.stages.curation.convert import conversion_time_summary
+from lib.stages.curation.release import SplitFileError
 from lib.stages.curation.stage import (
     STAGE,
     assign_split,
@@ -23,6 +24,6 @@ from lib.stages.curation.stage import (
     write_table1,
 )
 
-__all__ = ["STAGE", "assign_split", "audit", "choose_series", "conversion_time_summary", "convert_series", "export",
+__all__ = ["STAGE", "SplitFileError", "assign_split", "audit", "choose_series", "conversion_time_summary", "convert_series", "export",
            "find_candidates", "print_environment", "record", "save_previews", "save_quality_figure", "start",
            "write_outputs", "write_table1"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-from lib.core.paths import ProfilePaths
+from lib.core.paths import PROFILES, ProfilePaths, rel_to_profile, runs_root
 from lib.datasets.ctspine1k.ids import (
     BUILTIN_ID_PATTERNS,
     SOURCES,
@@ -26,6 +26,11 @@ METADATA_TAGS = {
 
 
 CONVERTER_VERSION = "lib.dicom/1"
+
+SplitUnlisted = Literal["error", "exclude", "seeded"]
+SPLIT_UNLISTED: tuple[str, ...] = get_args(SplitUnlisted)
+"""What curation does with a split-file ID that matches no case in the sources and with an
+included case the split file does not list (:func:`lib.stages.curation.release.assign_splits`)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,17 @@ class CurationConfig:
     ``path_csv_fallback``: a ``Path.csv`` row that matches no series on disk excludes the
     patient (False, the default: the table is authoritative) or lets the source's own rule
     choose, labelled so in the selection and provenance tables (True).
+
+    ``split_unlisted`` (with a split file): an ID of the file that matches no case in the
+    sources, and an included case the file does not list, are a
+    :class:`~lib.stages.curation.release.SplitFileError` (``"error"``, the default); or are
+    written to ``tables/split_problems.csv`` and the unlisted cases kept out of every split
+    (``"exclude"``) or split by the seeded rule (``"seeded"``; never into ``trainset`` when the
+    case resembles an ID the file lists for a test split).
+
+    ``profile``: table paths are written relative to this profile's data / runs folders
+    (:func:`lib.core.paths.rel_to_profile`); "" = the profile of ``stage_dir``
+    (``runs/<profile>/01_curation``), else absolute.
     """
 
     sources_dir: Path
@@ -73,12 +89,27 @@ class CurationConfig:
     subset_sizes: Mapping[str, int] = field(default_factory=dict)
     split_file: Path | None = None
     restrict_to_split_file: bool = False
+    split_unlisted: SplitUnlisted = "error"
     id_patterns: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(BUILTIN_ID_PATTERNS))
     quality: QualityThresholds = QualityThresholds()
     deidentify: bool = True
     workers: int = 0
     scheduler: str | None = None
     on_error: str = "collect"
+    profile: str = ""
+
+    def __post_init__(self):
+        if self.split_unlisted not in SPLIT_UNLISTED:
+            raise ValueError(f"split_unlisted: {self.split_unlisted!r}; expected one of {SPLIT_UNLISTED}")
+        if not self.profile:
+            stage = Path(self.stage_dir)
+            name = stage.parent.name
+            if name in PROFILES and stage.parent == runs_root() / name:
+                object.__setattr__(self, "profile", name)
+
+    def rel(self, path: str | Path) -> str:
+        """``path`` as the stage tables store it (relative to the profile's data or runs folder)."""
+        return rel_to_profile(path, self.profile) if self.profile else Path(path).as_posix()
 
     @property
     def work_dir(self) -> Path:
@@ -110,6 +141,9 @@ class CurationConfig:
         unknown = sorted(set(p["sources"]) - set(SOURCES))
         if unknown:
             raise ValueError(f"parameter sources: unknown source(s) {unknown}; expected some of {SOURCES}")
+        split_unlisted = p.get("split_unlisted") or "error"
+        if split_unlisted not in SPLIT_UNLISTED:
+            raise ValueError(f"parameter split_unlisted: {split_unlisted!r}; expected one of {SPLIT_UNLISTED}")
         if p["on_error"] not in ("collect", "raise"):
             raise ValueError(f"parameter on_error: {p['on_error']!r}; expected 'collect' or 'raise'")
         return cls(
@@ -120,6 +154,7 @@ class CurationConfig:
             hnscc_time_point=int(p["hnscc_time_point"]),
             subset_sizes={"MSD_T10": int(p["msd_subset_size"]), "COVID19": int(p["covid_subset_size"])},
             split_file=rel("split_file"), restrict_to_split_file=bool(p["restrict_to_split_file"]),
+            split_unlisted=split_unlisted,
             id_patterns=merge_id_patterns(p.get("extra_id_patterns") or {}), quality=q,
             deidentify=bool(p["deidentify"]), workers=int(p["workers"]), scheduler=p.get("scheduler") or None,
-            on_error=str(p["on_error"]))
+            on_error=str(p["on_error"]), profile=paths.profile)

@@ -106,6 +106,18 @@ def _sanitize(text: str, job: Mapping[str, Any]) -> str:
     return text.replace(str(job.get("sources_dir", "")), "<sources>")
 
 
+def image_digest(array: np.ndarray, affine: np.ndarray) -> str:
+    """A digest of a converted image: its voxel values (dtype, shape, bytes) and its affine
+    (rounded to 1e-4 mm), so a re-conversion of the same series gives the same digest and a
+    different image a different one."""
+    h = hashlib.blake2b(digest_size=16)
+    a = np.ascontiguousarray(array)
+    h.update(f"{a.dtype.str}:{a.shape}:".encode())
+    h.update((np.round(np.asarray(affine, dtype=float), 4) + 0.0).tobytes())  # + 0.0: -0.0 -> 0.0
+    h.update(a)
+    return h.hexdigest()
+
+
 def process_series(job: dict) -> dict:
     """Convert and measure one candidate; write its staged NIfTI and record (module-level for
     :func:`lib.core.parallel.map_cases`).
@@ -161,6 +173,7 @@ def process_series(job: dict) -> dict:
                 save_volume(arr, affine, staged, descrip=h["descrip"].tobytes().rstrip(b"\0").decode("latin-1"),
                             aux_file=h["aux_file"].tobytes().rstrip(b"\0").decode("latin-1"), extension_text=ext)
         sp, sh = canonical_geometry(affine, arr.shape)
+        rec["digest"] = image_digest(arr, affine)
         canon = np.moveaxis(arr, slice_axis, 2) if slice_axis != 2 else arr
         rec["measures"].update(
             spacing_mm=[round(s, 5) for s in sp], shape=list(sh), n_slices=int(arr.shape[slice_axis]),

@@ -157,6 +157,9 @@ class SelectionResult:
         errors: patients excluded at selection (an unmatched ``Path.csv`` row), in the
             columns of ``exclusions.csv`` (:data:`ERROR_COLUMNS`).
         discovered: release IDs of every patient/volume discovery found.
+        split_problems: the split file's IDs that match no discovered case
+            (:class:`lib.stages.curation.release.SplitProblem`, set by
+            :func:`lib.stages.curation.stage.choose_series`).
     """
 
     selections: list[Selection]
@@ -164,6 +167,7 @@ class SelectionResult:
     dropped: list[dict]
     errors: list[dict] = field(default_factory=list)
     discovered: set[str] = field(default_factory=set)
+    split_problems: list = field(default_factory=list)
 
     def table(self) -> pd.DataFrame:
         """One row per selected patient (no identifying values; DICOM series by UID and location)."""

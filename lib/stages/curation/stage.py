@@ -26,8 +26,12 @@ from lib.stages.curation.discover import candidates_table, discover_sources
 from lib.stages.curation.phi import AuditReport, collect_identifiers, require_no_phi
 from lib.stages.curation.release import (
     SPLIT_MISSING_TABLE,
+    SPLIT_PROBLEMS_TABLE,
+    SUPERSEDED_TABLE,
     SplitResult,
     assign_splits,
+    check_listed_ids,
+    split_problems,
     write_release,
     write_stage_tables,
 )
@@ -65,10 +69,20 @@ def find_candidates(cfg: CurationConfig) -> tuple[list, pd.DataFrame]:
 
 def choose_series(cfg: CurationConfig, candidates: list) -> tuple[SelectionResult, dict | None, list[str]]:
     """One series per patient; with an official split file, its assignment (and the notes on what
-    it spelled oddly), which also restricts the selection when ``restrict_to_split_file``."""
+    it spelled oddly), which also restricts the selection when ``restrict_to_split_file``.
+
+    A split-file ID matching no case in the sources stops here, before any conversion
+    (:class:`~lib.stages.curation.release.SplitFileError` naming the file, line, ID and the
+    closest IDs found), unless ``split_unlisted`` allows it: then it is in
+    ``selection.split_problems`` (``tables/split_problems.csv``) and in the notes.
+    """
     split_ids, notes = read_split_file(cfg.split_file) if cfg.split_file else (None, [])
     listed = split_ids if cfg.restrict_to_split_file else None
-    return select_series(candidates, cfg, listed_ids=listed), split_ids, notes
+    selection = select_series(candidates, cfg, listed_ids=listed)
+    if split_ids is not None:
+        selection.split_problems = check_listed_ids(cfg, split_ids, selection.discovered)
+        notes = [*notes, *(f"SPLIT FILE: {p.message} ({p.action})" for p in selection.split_problems)]
+    return selection, split_ids, notes
 
 
 def convert_series(cfg: CurationConfig, selection: SelectionResult) -> ConversionOutcome:
@@ -93,7 +107,11 @@ def save_quality_figure(ctx: StageContext, cfg: CurationConfig, conversion: Conv
 
 
 def assign_split(cfg: CurationConfig, conversion: ConversionOutcome, split_ids: dict | None) -> SplitResult:
-    """Splits of the included cases (from the split file when given, else seeded and stratified)."""
+    """Splits of the included cases (from the split file when given, else seeded and stratified).
+
+    An included case the split file does not list is a
+    :class:`~lib.stages.curation.release.SplitFileError` unless ``split_unlisted`` allows it
+    (:func:`lib.stages.curation.release.assign_splits`)."""
     return assign_splits([c.release_id for c in conversion.included], cfg, split_ids)
 
 
@@ -129,19 +147,37 @@ def audit(ctx: StageContext, cfg: CurationConfig) -> tuple[list, AuditReport]:
     return identifiers, require_no_phi([cfg.release_dir, cfg.stage_dir], identifiers)
 
 
+def _superseded_record(cfg: CurationConfig) -> dict:
+    """``tables/superseded.csv`` (every run's) for the run record."""
+    path = cfg.tables_dir / SUPERSEDED_TABLE
+    table = pd.read_csv(path, dtype=str, keep_default_na=False) if path.exists() else pd.DataFrame()
+    return {"count": len(table), "table": f"tables/{SUPERSEDED_TABLE}",
+            "rows": table.to_dict(orient="records") if len(table) else []}
+
+
+def split_record(cfg: CurationConfig, splits: SplitResult, selection: SelectionResult | None = None) -> dict:
+    """The split-file problems for the run record: how many, the policy, the table, each problem."""
+    problems = split_problems(selection, splits) if selection is not None else list(splits.problems)
+    return {"count": len(problems), "split_unlisted": cfg.split_unlisted, "table": f"tables/{SPLIT_PROBLEMS_TABLE}",
+            "excluded_from_splits": list(splits.excluded),
+            "rows": [{k: v for k, v in p.row(cfg.rel).items() if k != "message"} for p in problems]}
+
+
 def record(ctx: StageContext, cfg: CurationConfig, conversion: ConversionOutcome, splits: SplitResult,
            report: AuditReport, identifiers: list, selection: SelectionResult | None = None) -> Path:
-    """The run record (counts, split, what was converted now, the selection errors and the IDs of
-    the split file missing from the release), itself audited for identifiers."""
-    excluded = set(conversion.exclusions.query("action == 'excluded'")["release_id"])
+    """The run record (counts, split, what was converted now, the selection errors, the IDs of
+    the split file missing from the release, the split-file problems and the masks superseded
+    by a new series), itself audited for identifiers. ``included`` counts the release's cases."""
+    excluded = set(conversion.exclusions.query("action == 'excluded'")["release_id"]) | set(splits.excluded)
     errors = selection.errors if selection is not None else []
     path = ctx.write_record({
-        "included": len(conversion.included),
+        "included": len(splits.assignment),
         "excluded_patients": len(excluded | {e["release_id"] for e in errors}),
         "selection_errors": [{k: e[k] for k in ("release_id", "source", "check", "message")} for e in errors],
         "split_counts": splits.counts(cfg.id_patterns).set_index("source")["all"].to_dict(),
         "split_ids_missing": {"count": len(splits.listed_missing), "table": f"tables/{SPLIT_MISSING_TABLE}",
                               "by_split": splits.missing_by_split()},
+        "split_problems": split_record(cfg, splits, selection), "superseded": _superseded_record(cfg),
         "unknown_ids": splits.unknown_ids, "converted_now": conversion.converted, "reused": conversion.reused,
         "phi_audit": report.summary()})
     print(require_no_phi([path], identifiers).summary())
