@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export PYTHONUNBUFFERED := 1
 export MPLBACKEND := Agg
 
-.PHONY: help setup lab reproduce test test-all bench lint clean check-params
+.PHONY: help setup lab reproduce test test-all reliability bench lint clean check-params
 
 help: ## List the targets with a one-line description
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,6 +42,9 @@ test: $(STAMP) ## Fast test suite (no `slow` tests; a few minutes)
 
 test-all: $(STAMP) ## Full test suite including `slow` tests (DDP, browser, paper-scale)
 	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+
+reliability: $(STAMP) ## The fault corpus (tests/reliability) with its table -> runs/reliability_corpus.md
+	SPINE1K_CORPUS_MD=$(CURDIR)/runs/reliability_corpus.md $(PY) -m pytest -q tests/reliability $(PYTEST_ARGS)
 
 bench: $(STAMP) ## Benchmarks: NIfTI loading, phantom, evaluation, conversion, model (ratios vs competitors)
 	@for f in bench/bench_*.py; do echo "=== $$f"; $(PY) $$f $(BENCH_ARGS) || exit 1; done
