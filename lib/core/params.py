@@ -48,9 +48,12 @@ InitFrom = typing.Literal["annotation", "pretrained", "scratch"]
 """What 04's final model starts from."""
 ProfileKind = typing.Literal["synthetic", "paper"]
 """Network plan kind (:mod:`lib.ml.planning`)."""
+SplitUnlisted = typing.Literal["error", "exclude", "seeded"]
+"""01: what a split-file ID matching no case, or a case the split file does not list, is
+(:mod:`lib.stages.curation.release`): an error, kept out of every split, or split by the seeded rule."""
 
 CHOICES: dict[str, Any] = {"Profile": Profile, "HD95": HD95, "OnError": OnError, "AnnotationMode": AnnotationMode,
-                           "InitFrom": InitFrom, "ProfileKind": ProfileKind}
+                           "InitFrom": InitFrom, "ProfileKind": ProfileKind, "SplitUnlisted": SplitUnlisted}
 """Named choices a parameters cell may use as a type (``hd95: HD95 = "pooled"``): papermill parses a
 plain name, not a ``Literal[...]`` with quoted values, so the choices are declared once here."""
 

@@ -107,6 +107,54 @@ def ensure(path: Path) -> Path:
     return path
 
 
+RUNS_PREFIX = "runs:"
+"""Marks a table path relative to the profile's runs folder (``runs:01_curation/x.csv``);
+one without it is relative to the profile's data folder (``CTSpine1K/trainset/data/x.nii.gz``)."""
+
+
+def rel_to_profile(path: str | Path, profile: str) -> str:
+    """A path as a run table stores it, so that a moved workspace still finds the file.
+
+    Relative to ``data_root()/<profile>`` (``CTSpine1K/trainset/data/liver_3.nii.gz``) or, with
+    :data:`RUNS_PREFIX`, to ``runs_root()/<profile>`` (``runs:01_curation/superseded/x.nii.gz``);
+    the nearer root wins when one lies inside the other. A relative path is returned as given
+    (POSIX separators), a path under neither root as an absolute POSIX path. Read it back with
+    :func:`resolve_profile_path`.
+    """
+    p = Path(path)
+    if not p.is_absolute():
+        return p.as_posix()
+    found: list[tuple[int, str]] = []
+    for root, prefix in ((data_root() / check_profile(profile), ""), (runs_root() / profile, RUNS_PREFIX)):
+        for q, r in ((p, root), (p.resolve(), root.resolve())):
+            try:
+                rel = q.relative_to(r)
+            except ValueError:
+                continue
+            found.append((len(rel.parts), prefix + rel.as_posix()))
+            break
+    return min(found)[1] if found else p.as_posix()
+
+
+def resolve_profile_path(text: str | Path, profile: str) -> Path:
+    """The file a run-table path names (the inverse of :func:`rel_to_profile`).
+
+    ``runs:<rel>`` -> ``runs_root()/<profile>/<rel>``; an absolute path (older tables) as it is;
+    any other relative path -> ``data_root()/<profile>/<rel>``.
+
+    Raises:
+        ValueError: an empty path or an unknown profile.
+    """
+    s = str(text).strip()
+    if not s:
+        raise ValueError(f"empty path in a {profile} run table")
+    check_profile(profile)
+    if s.startswith(RUNS_PREFIX):
+        return runs_root() / profile / s[len(RUNS_PREFIX):]
+    p = Path(s)
+    return p if p.is_absolute() else data_root() / profile / p
+
+
 def prediction_path(stage_dir: str | Path, split: str, case_id: str, sub: str = "predictions") -> Path:
     """Where a stage keeps a case's predicted mask: ``<stage>/<sub>/<split>/<case_id>_seg.nii.gz``
     (04 writes ``predictions/``, 05 ``corrected/``; later stages read them by this rule)."""

@@ -44,11 +44,17 @@ def test_split_file_gives_per_source_counts_and_reports_unknown_ids(tmp_path):
     assert counts.loc["unknown", "trainset"] == 1
     assert counts.loc["total", "all"] == 11
     assert release_ids.unknown_ids(assignment) == ["weird-scan-7"]
-    # used for a release: IDs not on disk and cases not in the file are reported, none dropped
-    cfg = _cfg()
-    res = release.assign_splits(["HN_P001", "liver_0", "weird-scan-7", "liver_5"], cfg, assignment)
+    # used for a release: a case not in the file is an error by default (split_unlisted: error) ...
+    ids = ["HN_P001", "liver_0", "weird-scan-7", "liver_5"]
+    with pytest.raises(release.SplitFileError, match="included case 'liver_5' is not listed; did you mean "
+                                                     "test_public 'liver_1'"):
+        release.assign_splits(ids, _cfg(), assignment)
+    # ... or reported: liver_5 resembles test_public liver_1 (not on disk), so it is never seeded
+    res = release.assign_splits(ids, _cfg(split_unlisted="seeded"), assignment)
     assert res.assignment["HN_P001"] == "trainset"
-    assert res.origin["liver_5"] == "seeded"
+    assert "liver_5" not in res.assignment
+    assert res.excluded == ["liver_5"]
+    assert [p.id for p in res.problems] == ["liver_5"]
     assert res.unknown_ids == ["weird-scan-7"]
     assert "weird-scan-7" in " ".join(res.notes)
     assert res.not_listed == ["liver_5"]

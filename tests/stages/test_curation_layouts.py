@@ -4,6 +4,7 @@ and macOS ._ files, COVID-19-20 CTs with lesion masks, TCIA folder names, the re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -64,6 +65,12 @@ def test_paper_curation_on_the_downloads_as_they_unpack(downloads, tmp_path):
     assert "AppleDouble" in dicom["reason"].iloc[0]
     assert not ignored["path"].str.contains("Abdomen").any()
 
+    # the split file lists two IDs the downloads lack: an error by default (split_unlisted: error)
+    with pytest.raises(curation.SplitFileError, match=r"data_split.txt, line 12: test_public ID 'liver_140' "
+                                                      r"matches no case") as err:
+        curation.choose_series(cfg, candidates)
+    assert [(p.id, p.line) for p in err.value.problems] == [("1.3.6.1.4.1.9328.50.4.0003", 7), ("liver_140", 12)]
+    cfg = dataclasses.replace(cfg, split_unlisted="exclude")
     selection, split_ids, _ = curation.choose_series(cfg, candidates)
     conversion = curation.convert_series(cfg, selection)
     splits = curation.assign_split(cfg, conversion, split_ids)
@@ -73,7 +80,7 @@ def test_paper_curation_on_the_downloads_as_they_unpack(downloads, tmp_path):
     curation.record(ctx, cfg, conversion, splits, audit, identifiers, selection)
 
     tables = {n: pd.read_csv(cfg.tables_dir / f"{n}.csv", dtype=str, keep_default_na=False)
-              for n in ("selection", "exclusions", "provenance", "split_ids_missing", "not_selected")}
+              for n in ("selection", "exclusions", "provenance", "split_ids_missing", "not_selected", "split_problems")}
     sel = tables["selection"].set_index("release_id")
     assert sel.loc[P1, "rule"] == "Path.csv row"
     assert sel.loc[P1, "position"] == "prone"
@@ -105,12 +112,19 @@ def test_paper_curation_on_the_downloads_as_they_unpack(downloads, tmp_path):
     why = dict(zip(missing["release_id"], missing["reason"], strict=True))
     assert why[P2] == "excluded: path_csv_unmatched"
     assert why["liver_140"].startswith("not found in the sources")
+    problems = tables["split_problems"]
+    assert list(zip(problems["id"], problems["line"], problems["split"], strict=True)) == [
+        ("1.3.6.1.4.1.9328.50.4.0003", "7", "trainset"), ("liver_140", "12", "test_public")]
+    assert set(problems["problem"]) == {"listed, matches no case"}
+    assert set(problems["split_file"]) == {str(root / "data_split.txt")}  # outside the profile's folders: absolute
     rec = json.loads((ctx.dir / "run_record.json").read_text())["extra"]
     assert rec["split_ids_missing"]["count"] == 3
     assert sorted(rec["split_ids_missing"]["by_split"]["trainset"]) == sorted(r for r, s in MISSING.items()
                                                                                 if s == "trainset")
     assert [e["release_id"] for e in rec["selection_errors"]] == [P2]
     assert rec["excluded_patients"] == 1
+    assert rec["split_problems"]["count"] == 2
+    assert rec["split_problems"]["split_unlisted"] == "exclude"
 
 
 def test_path_csv_fallback_is_used_only_when_allowed_and_labelled(downloads, tmp_path):

@@ -1,13 +1,15 @@
 """The human round trip: pre-annotations exported for ITK-SNAP, edited masks validated and imported.
 
-An imported mask must be readable, on the image's grid and hold only vertebra labels; a refused
-one names the file and the fault and its case stays queued.
+An imported mask must be readable, on the image's grid and hold only vertebra labels: the
+CTSpine1K labels, plus T13 (28) for the cases whose data may hold it (VerSe-style labels,
+``t13_cases``); a refused one names the file and the fault and its case stays queued.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +24,21 @@ from lib.stages.annotation.ledger import Ledger, now
 from lib.stages.annotation.tiers import relabelled_vertebrae
 
 
-def export_for_itksnap(out_dir: str | Path, cases: Sequence[tuple[str, Path, Path]]) -> Path:
+def case_labels(case_id: str, allowed_labels: Iterable[int] = L.CTSPINE1K_LABELS,
+                t13_cases: Collection[str] = ()) -> list[int]:
+    """The labels a case's mask may hold: ``allowed_labels``, plus T13 (28) when the case's data
+    may hold it (``case_id`` in ``t13_cases``: VerSe-style labels), in craniocaudal order."""
+    values = {int(v) for v in allowed_labels} | ({L.T13} if case_id in t13_cases else set())
+    return L.ordered(values)
+
+
+def export_for_itksnap(out_dir: str | Path, cases: Sequence[tuple[str, Path, Path]],
+                       t13_cases: Collection[str] = ()) -> Path:
     """Write a round's work for human annotators using ITK-SNAP.
 
     For each ``(case_id, image_path, preannotation_path)``: ``<out>/<case_id>/`` with the image,
-    ``<case_id>_preannotation_seg.nii.gz`` and ``labels.txt`` (ITK-SNAP label description). The
+    ``<case_id>_preannotation_seg.nii.gz`` and ``labels.txt`` (ITK-SNAP label description of the
+    labels :func:`import_edited` accepts for the case: C1..L6, and T13 for ``t13_cases``). The
     annotator saves the edited mask as ``<case_id>_seg.nii.gz`` in the same folder.
     """
     out = Path(out_dir)
@@ -36,7 +48,7 @@ def export_for_itksnap(out_dir: str | Path, cases: Sequence[tuple[str, Path, Pat
         for src, name in ((img, f"{cid}.nii.gz"), (pre, f"{cid}_preannotation_seg.nii.gz")):
             if not (d / name).exists():
                 shutil.copyfile(src, d / name)
-        write_itksnap_labels(d / "labels.txt")
+        write_itksnap_labels(d / "labels.txt", case_labels(cid, t13_cases=t13_cases))
     write_text(out / "README.txt",
                "Open <ID>.nii.gz in ITK-SNAP, load <ID>_preannotation_seg.nii.gz as segmentation and\n"
                "labels.txt as label descriptions (Segmentation > Import Label Descriptions).\n"
@@ -51,28 +63,41 @@ class ImportOutcome:
     waiting: list[str]       # no edited mask yet
 
 
+def _t13_hint(faults: Sequence, allowed: Collection[int]) -> str:
+    """A note for a refused mask holding T13 where the case may not hold it."""
+    if L.T13 in allowed or not any(f.kind == "unknown_label" and re.search(rf"\b{L.T13}\b", f.message) for f in faults):
+        return ""
+    return (f" (T13 = {L.T13} is accepted only for cases whose data may hold it: VerSe-style labels, "
+            f"import_edited(t13_cases=...))")
+
+
 def import_edited(ledger: Ledger, round_: int, export_dir: str | Path, gt_dirs: dict[str, Path],
-                  model_version: int, allowed_labels: Iterable[int] = L.CTSPINE1K_LABELS) -> ImportOutcome:
+                  model_version: int, allowed_labels: Iterable[int] = L.CTSPINE1K_LABELS,
+                  t13_cases: Collection[str] = ()) -> ImportOutcome:
     """Import masks edited by people; validate each before accepting it.
 
-    A mask whose shape or affine differs from the image, or that holds an unknown label, is
-    refused with a message naming the file; the refusal is logged and the case stays queued.
+    A mask whose shape or affine differs from the image, or that holds a label outside the
+    case's labels (:func:`case_labels`: ``allowed_labels``, plus T13 = 28 for a case in
+    ``t13_cases``), is refused with a message naming the file; the refusal is logged and the
+    case stays queued.
 
     Args:
         gt_dirs: ``{case_id: release gt folder}`` where accepted masks are written.
+        t13_cases: cases whose data may hold T13 (VerSe-style labels).
     """
     export_dir = Path(export_dir)
     accepted, refused, waiting = [], {}, []
-    allowed = list(allowed_labels)
+    base = list(allowed_labels)
     for cid in sorted(gt_dirs):
         d = export_dir / cid
         edited, image = d / f"{cid}_seg.nii.gz", d / f"{cid}.nii.gz"
         if not edited.exists():
             waiting.append(cid)
             continue
+        allowed = case_labels(cid, base, t13_cases)
         faults = check_pair(image, edited, allowed_labels=allowed)
         if faults:
-            msg = "; ".join(str(f) for f in faults)
+            msg = "; ".join(str(f) for f in faults) + _t13_hint(faults, allowed)
             refused[cid] = msg
             ledger.log_event("refused", msg, cid, round_)
             continue

@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lib.core import labels as L
 from lib.core.cases import Case
 from lib.core.parallel import CaseFailure
 from lib.core.paths import find_model_dir
 from lib.datasets.ctspine1k.release import find_special_cases, release_cases, write_readme
 from lib.imaging.label_shift import level_offsets, variant_of
 from lib.io import Volume, load_volume
+from lib.io.integrity import label_counts
 from lib.metrics.overlap import mean_vertebra_dice
 from lib.ml import inference, trainer
 from lib.stages.annotation.itksnap import ImportOutcome, export_for_itksnap, import_edited
@@ -240,8 +242,12 @@ def human_round(ledger: Ledger, cases: Sequence[Case], cfg: LoopConfig, model_di
             if not pre.exists():
                 predict(model_dir, c.image, pre)
             work.append((c.case_id, c.image, pre))
-        export_for_itksnap(out, work)
-        outcome = import_edited(ledger, r, out, {c.case_id: c.mask.parent for c in todo}, model_version)
+        # a model pretrained on VerSe (02 keeps T13 as its own class) may pre-annotate a T13: the
+        # annotators may keep it, so those cases offer and accept 28 (DESIGN 4)
+        t13 = {cid for cid, _, pre in work if L.T13 in label_counts(np.asarray(load_volume(pre).array))}
+        export_for_itksnap(out, work, t13_cases=t13)
+        outcome = import_edited(ledger, r, out, {c.case_id: c.mask.parent for c in todo}, model_version,
+                                t13_cases=t13)
         return r, outcome
     return 0, ImportOutcome([], {}, [])
 

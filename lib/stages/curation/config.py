@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
+from lib.core.params import SplitUnlisted
 from lib.core.paths import PROFILES, ProfilePaths, rel_to_profile, runs_root
 from lib.datasets.ctspine1k.ids import (
     BUILTIN_ID_PATTERNS,
@@ -27,7 +28,6 @@ METADATA_TAGS = {
 
 CONVERTER_VERSION = "lib.dicom/1"
 
-SplitUnlisted = Literal["error", "exclude", "seeded"]
 SPLIT_UNLISTED: tuple[str, ...] = get_args(SplitUnlisted)
 """What curation does with a split-file ID that matches no case in the sources and with an
 included case the split file does not list (:func:`lib.stages.curation.release.assign_splits`)."""

@@ -65,10 +65,12 @@ class SplitProblem:
     message: str
 
     def row(self, rel=str) -> dict:
-        """The ``split_problems.csv`` row (``rel`` writes the split file's path)."""
-        return {"id": self.id, "problem": self.problem, "split_file": rel(self.split_file) if self.split_file else "",
+        """The ``split_problems.csv`` row (``rel`` writes the split file's path, in the message too)."""
+        where = rel(self.split_file) if self.split_file else ""
+        return {"id": self.id, "problem": self.problem, "split_file": where,
                 "line": self.line if self.line is not None else "", "suggestion": ";".join(self.suggestions),
-                "split": self.split, "action": self.action, "message": self.message}
+                "split": self.split, "action": self.action,
+                "message": self.message.replace(str(self.split_file), where) if where else self.message}
 
 
 class SplitFileError(ValueError):
