@@ -109,3 +109,79 @@ def test_rerun_with_new_inputs_starts_clean_but_an_interrupted_run_resumes(proje
     (root / "params" / "ci" / "01_second.yaml").write_text("profile: ci\nvalue: 5\n")
     assert _run(root, force=True)["01_second"] == "ran"
     assert (stage / "done.txt").read_text() == "x"  # forced: clean again
+
+
+def _logged_run(root, **kw):
+    log: list[str] = []
+    status = pipeline.run("ci", notebook_dir=root / "notebooks", params_dir=root / "params", log=log.append,
+                          report=False, **kw)
+    return status, "\n".join(log)
+
+
+def test_freshness_follows_the_data_a_forced_upstream_and_edited_upstream_outputs(project, monkeypatch):
+    root, _ = project
+    sources = root / "data" / "ci" / "sources"
+    sources.mkdir(parents=True)
+    (sources / "a.txt").write_bytes(b"abc")
+    monkeypatch.setattr(pipeline, "DATA_INPUTS", {"01_second": ["sources"]})
+    assert _logged_run(root)[0] == {"00_first": "ran", "01_second": "ran"}
+    assert _logged_run(root)[0] == {"00_first": "skipped", "01_second": "skipped"}
+    (sources / "a.txt").write_bytes(b"abc")  # same bytes, new mtime: still up to date
+    assert _logged_run(root)[0]["01_second"] == "skipped"
+    (sources / "a.txt").write_bytes(b"abd")  # one byte
+    status, log = _logged_run(root)
+    assert status == {"00_first": "skipped", "01_second": "ran"}
+    assert "re-running: input data changed: data/ci/sources (1 file(s) differ)" in log
+    assert _logged_run(root, force=True, stages_spec="00")[0] == {"00_first": "ran"}
+    status, log = _logged_run(root)
+    assert status == {"00_first": "skipped", "01_second": "ran"}
+    assert "upstream 00_first re-ran" in log
+    (root / "runs" / "ci" / "00_first" / "table.csv").write_text("edited by hand\n")
+    status, log = _logged_run(root)
+    assert status["01_second"] == "ran"
+    assert "outputs of upstream 00_first changed (run_folder)" in log
+
+
+def test_failed_cases_are_counted_and_give_exit_status_3(project, monkeypatch):
+    root, _ = project
+    body = ("import os, pathlib\n"
+            "d = pathlib.Path(os.environ['SPINE1K_RUNS']) / 'ci' / '01_second'\n"
+            "(d / 'failed_cases.csv').write_text('case_id,step,file,kind,message\\n'\n"
+            "    'liver_2,predict,liver_2.nii.gz,non_finite,12 NaN voxels\\n')\n")
+    _nb(root / "notebooks" / "01_second.ipynb", 'profile: str = "synthetic"  # profile\nvalue: int = 1  # a number\n', body)
+    status, log = _logged_run(root)
+    assert status["01_second"] == "ran"
+    assert "01_second: done in" in log
+    assert "1 failed case(s), see" in log
+    summary = json.loads((root / "runs" / "ci" / "pipeline.json").read_text())
+    assert summary["failed_cases"] == {"00_first": 0, "01_second": 1}
+    monkeypatch.setattr(pipeline, "run", lambda *a, **k: {})
+    assert pipeline.main(["--profile", "ci"]) == pipeline.EXIT_FAILED_CASES
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--stages", "09"], "no stage 09; stages: 00_sources"),
+    (["--stages", "abc"], "accepted forms: '02', '02-04', '00,03'"),
+    (["--stages", "04-02"], "runs backwards"),
+    (["--profile", "synthtic"], "unknown profile 'synthtic'; did you mean 'synthetic'?"),
+])
+def test_user_errors_are_one_line_with_exit_status_2(argv, message, capsys):
+    assert pipeline.main(argv) == pipeline.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_read_only_stage_folder_is_one_clear_error(project, monkeypatch):
+    root, _ = project
+    real = pipeline.write_text
+
+    def refuse(path, text):
+        if path.name == pipeline.STAMP and path.parent.name == "01_second":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, text)
+
+    monkeypatch.setattr(pipeline, "write_text", refuse)
+    with pytest.raises(pipeline.StageFailedError, match=r"01_second: cannot write the stage stamp .*read-only"):
+        _run(root)
