@@ -14,7 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.app.test_pipeline import project  # noqa: F401  (fixtures the corpus's checks reuse)
 from tests.reliability.corpus import Fault
+from tests.stages.conftest import sources  # noqa: F401
+from tests.stages.test_curation_split_file import nifti_sources  # noqa: F401
 
 _RESULTS: list[tuple[Fault, str, str]] = []
 
@@ -37,10 +40,11 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture
 def run(request, tmp_path, monkeypatch):
     """What a fault's check gets: ``run.tmp`` (its folder), ``run.monkeypatch``, and
-    ``run.told("what happened")`` -- the outcome written into the corpus table."""
+    ``run.told("what happened")`` -- the outcome written into the corpus table -- and
+    ``run.fixture(name)`` for the fixtures of the suites whose scenarios a check reuses."""
     def _tell(text: str) -> None:
         request.node._corpus_outcome = text
-    return SimpleNamespace(tmp=tmp_path, monkeypatch=monkeypatch, told=_tell)
+    return SimpleNamespace(tmp=tmp_path, monkeypatch=monkeypatch, told=_tell, fixture=request.getfixturevalue)
 
 
 def corpus_table(results) -> str:
