@@ -1,7 +1,11 @@
 """The preprocessing cache: every case read once, resampled per stage, stored as uncompressed ``.npy``.
 
 Image float16, classes uint8, sampled foreground coordinates per class, so an epoch never decompresses
-gzip. A case whose source file changed (size, mtime) is redone; others are reused.
+gzip. A case whose source file changed (size, mtime, and for ``.gz`` files the gzip trailer: CRC-32
+and length of the whole uncompressed content) is redone; others are reused. Every pair is checked
+with :func:`lib.io.check_pair` before it is cached (NaN/inf in the CT, a mask on another grid or
+affine, non-integer or unknown label values): a bad pair raises :class:`lib.io.IntegrityError`
+naming the file and the fault, before any training step.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from lib.core.parallel import map_cases
+from lib.core.parallel import CaseFailuresError, map_cases
 from lib.core.seeding import stable_rng
 from lib.imaging.resampling import resample_image, resample_labels, resampled_shape
 from lib.io.atomic import atomic_path, write_text
+from lib.io.integrity import Fault, IntegrityError, check_pair
 from lib.io.nifti import load_volume
 from lib.ml.plans import Plan, StagePlan, plan_from_dict, plan_to_dict
 from lib.ml.preprocessing import (
@@ -44,8 +49,33 @@ def _stage_key(plan: Plan, stage: StagePlan) -> str:
 
 
 def _source_stamp(path: str | Path) -> dict[str, Any]:
-    st = Path(path).stat()
-    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """What identifies a source file's content cheaply: path, size, mtime and, for gzip files,
+    the 8-byte trailer (CRC-32 and length of the uncompressed data), which changes with the
+    content even when a copy keeps the size and mtime (``cp -p``, ``rsync -a``)."""
+    p = Path(path)
+    st = p.stat()
+    stamp = {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if p.name.endswith(".gz") and st.st_size >= 8:
+        with p.open("rb") as fh:
+            fh.seek(-8, 2)
+            stamp["gz_trailer"] = fh.read(8).hex()
+    return stamp
+
+
+def allowed_mask_values(plan: Plan) -> list[int]:
+    """Mask values a plan accepts: its labels and the values ``label_map`` sends to them or to 0."""
+    return [v for v in range(1, 256) if plan.label_map.get(v, v) == 0 or plan.label_map.get(v, v) in plan.labels]
+
+
+def require_cacheable(image_path: str | Path, mask_path: str | Path, plan: Plan) -> None:
+    """:func:`lib.io.check_pair` of a training pair against the plan's label set.
+
+    Raises:
+        IntegrityError: the faults, each naming its file.
+    """
+    faults = check_pair(image_path, mask_path, allowed_labels=allowed_mask_values(plan))
+    if faults:
+        raise IntegrityError(faults)
 
 
 @dataclass(frozen=True)
@@ -97,12 +127,13 @@ def cache_case(job: CacheJob) -> dict[str, dict[str, Any]]:
     if not todo:
         return out
     plan = plan_from_dict(job.plan)
+    require_cacheable(job.image_path, job.mask_path, plan)
     img_v = load_volume(job.image_path)
     msk_v = load_volume(job.mask_path)
     if img_v.shape != msk_v.shape:
         raise ValueError(f"{job.mask_path}: mask shape {msk_v.shape} differs from image shape {img_v.shape}")
     spacing = img_v.spacing
-    norm = normalize_ct(img_v.array, plan.normalization)
+    norm = normalize_ct(img_v.array, plan.normalization, job.image_path)
     for folder, sname in todo:
         stage = plan.stage(sname)
         cls = mask_to_classes(msk_v.array, plan, stage.task, job.mask_path)
@@ -157,21 +188,41 @@ def build_caches(cases: Sequence[Sequence[str]], plan: Plan, stages: Sequence[st
                  workers: int | None = 0, progress: bool = True) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     """Preprocess ``(case_id, image_path, mask_path)`` cases for several stages (one read per case).
 
-    Re-runs skip cases whose cache matches the source files' size and modification time.
+    Re-runs skip cases whose cache matches the source files (see :func:`_source_stamp`); the
+    others are checked (:func:`require_cacheable`) and preprocessed.
 
     Returns:
         ``{stage: (folder, metas)}``: each stage's cache folder and per-case metadata (input order).
 
     Raises:
+        IntegrityError: some pair failed the integrity check; every such fault (file and fault)
+            is listed, and the :class:`CaseFailuresError` of all failed cases is its cause.
         lib.core.parallel.CaseFailuresError: listing every case that could not be preprocessed.
     """
     stages = list(stages)
     folders = tuple(str(Path(cache_dir) / _stage_key(plan, plan.stage(s))) for s in stages)
     pd = plan_to_dict(plan)
     jobs = [CacheJob(str(c[0]), str(c[1]), str(c[2]), folders, pd, tuple(stages)) for c in cases]
-    res = map_cases(cache_case, jobs, ids=[j.case_id for j in jobs], workers=workers, on_error="raise",
+    res = map_cases(cache_case, jobs, ids=[j.case_id for j in jobs], workers=workers, on_error="collect",
                     desc="cache", progress=progress)
+    if res.failures:
+        _raise_failures(res.failures, {j.case_id: j for j in jobs}, plan)
     return {s: (Path(f), [res.values[j.case_id][s] for j in jobs]) for s, f in zip(stages, folders, strict=True)}
+
+
+def _raise_failures(failures, jobs: dict[str, CacheJob], plan: Plan) -> None:
+    """Raise :class:`IntegrityError` with the faults of the cases that failed the integrity check
+    (checked again here: workers report text), else :class:`CaseFailuresError`."""
+    error = CaseFailuresError(failures)
+    faults: list[Fault] = []
+    for f in failures:
+        if f.message.startswith(f"{IntegrityError.__name__}: "):
+            job = jobs[f.case_id]
+            faults += check_pair(job.image_path, job.mask_path, allowed_labels=allowed_mask_values(plan)) \
+                or [Fault(job.image_path, f.message.split(": ", 1)[1].splitlines()[0])]
+    if faults:
+        raise IntegrityError(faults) from error
+    raise error
 
 
 def build_cache(cases: Sequence[Sequence[str]], plan: Plan, stage: str, cache_dir: str | Path,

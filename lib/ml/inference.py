@@ -47,6 +47,7 @@ from lib.core.parallel import map_cases
 from lib.imaging.components import postprocess_labels, spine_bbox
 from lib.imaging.instances import split_at_necks
 from lib.imaging.resampling import resample_image, resample_labels, resampled_shape
+from lib.io.integrity import IntegrityError, image_faults
 from lib.io.nifti import load_volume, save_like, strip_nifti_suffix
 from lib.ml.checkpoint import load_weights
 from lib.ml.device import resolve_device
@@ -328,11 +329,17 @@ def predict_case(model: LoadedModel | str | Path, image_path: str | Path, out_pa
 
     Returns:
         ``out_path``.
+
+    Raises:
+        lib.io.IntegrityError: the image holds NaN/inf voxels (file and count named).
     """
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
         return out_path
     vol = load_volume(image_path)
+    faults = image_faults(vol, image_path)  # NaN/inf would give an empty mask "successfully"
+    if faults:
+        raise IntegrityError(faults)
     lab = predict_volume(model, vol.array, vol.spacing, tta=tta, postprocess=postprocess, device=device)
     return save_like(lab, vol, out_path, dtype=np.uint8)
 

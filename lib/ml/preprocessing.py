@@ -16,8 +16,31 @@ from scipy import ndimage
 from lib.ml.plans import Plan
 
 
-def normalize_ct(hu: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
-    """Clip HU to ``clip_hu`` and z-score with the plan's foreground ``mean``/``std`` (float32)."""
+class NonFiniteImageError(ValueError):
+    """A CT holds NaN or infinite voxels (which clipping would pass on or turn into numbers)."""
+
+
+def require_finite(image: np.ndarray, path: str | Path = "<CT>") -> None:
+    """Raise :class:`NonFiniteImageError` naming ``path`` and the count if ``image`` has NaN/inf voxels."""
+    a = np.asarray(image)
+    if not np.issubdtype(a.dtype, np.floating):
+        return
+    finite = np.isfinite(a)
+    if not finite.all():
+        n_nan = int(np.isnan(a).sum())
+        n_bad = int(finite.size - np.count_nonzero(finite))
+        raise NonFiniteImageError(f"{path}: {n_bad} of {a.size} voxels are not finite ({n_nan} NaN, "
+                                  f"{n_bad - n_nan} inf)")
+
+
+def normalize_ct(hu: np.ndarray, normalization: dict[str, Any], path: str | Path = "<CT>") -> np.ndarray:
+    """Clip HU to ``clip_hu`` and z-score with the plan's foreground ``mean``/``std`` (float32).
+
+    Raises:
+        NonFiniteImageError: NaN/inf voxels (named with ``path`` and counted): clipping would
+            keep NaN and turn inf into the clip bounds, so they are refused, never repaired.
+    """
+    require_finite(hu, path)
     lo, hi = normalization["clip_hu"]
     out = np.clip(np.asarray(hu, dtype=np.float32), lo, hi)
     out -= np.float32(normalization["mean"])

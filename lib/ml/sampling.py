@@ -222,6 +222,15 @@ class PatchSampler:
             img = img[None]
         return img, seg
 
+    def case_of(self, epoch: int, iteration: int, item: int) -> str:
+        """The case id :meth:`sample` draws for this item (the same seeded first draw)."""
+        rng = np.random.default_rng([self.seed, self.stage_index, epoch, iteration, item])
+        return self.cases[int(rng.integers(len(self.cases)))].case_id
+
+    def batch_case_ids(self, epoch: int, iteration: int, rank: int = 0, world: int = 1) -> list[str]:
+        """The case ids of this rank's share of a batch (what an error about the batch names)."""
+        return [self.case_of(epoch, iteration, i) for i in list(range(self.stage.batch_size))[rank::world]]
+
     def batch(self, epoch: int, iteration: int, rank: int = 0, world: int = 1,
               augment: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """This rank's share of a batch: items ``rank, rank + world, ...`` of ``batch_size``.

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -568,8 +569,16 @@ def _train_batches(run: _Run, st: StagePlan, fit: _Fit, data: _Data,
     batches = _iterate_batches(data.sampler, epoch, run.iters, run.rank, run.world,
                                int(run.tr.get("num_workers", 0)), run.dev)
     for it, (x_np, y_np) in enumerate(batches):
+        where = (st.name, epoch, it)
+        if not np.isfinite(x_np).all():
+            raise NonFiniteError(*where, data.sampler.batch_case_ids(epoch, it, run.rank, run.world),
+                                 f"{int((~np.isfinite(x_np)).sum())} non-finite input voxels")
         out, loss = _train_step(run, st, fit, data.loss_fn, x_np, y_np)
-        losses.append(float(loss.detach()))
+        value = float(loss.detach())
+        if not math.isfinite(value):  # stop before a NaN reaches the weights or a checkpoint
+            raise NonFiniteError(*where, data.sampler.batch_case_ids(epoch, it, run.rank, run.world),
+                                 f"loss {value}")
+        losses.append(value)
         if it == run.iters - 1 or it % 5 == 0:
             head = out[:, 0] if out.dim() == 6 else out
             f, m = dice_scores(predicted_classes(head.detach().float().cpu().numpy(), st.task, y_np[:, 0]),
@@ -580,15 +589,29 @@ def _train_batches(run: _Run, st: StagePlan, fit: _Fit, data: _Data,
     return losses, dfg, dmean
 
 
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite input batch or loss: the stage, epoch, step and cases are named;
+    the step was not taken, so the weights and the last checkpoint on disk are the last good ones."""
+
+    def __init__(self, stage: str, epoch: int, step: int, case_ids: Sequence[str], what: str):
+        self.stage, self.epoch, self.step, self.case_ids = stage, epoch, step, list(case_ids)
+        super().__init__(f"training stopped: {what} in stage {stage!r}, epoch {epoch + 1}, step {step} "
+                         f"(batch cases: {', '.join(dict.fromkeys(self.case_ids))}); no step was taken with it "
+                         f"and the last checkpoint is the last good state")
+
+
 def _train_step(run: _Run, st: StagePlan, fit: _Fit, loss_fn: Any, x_np: np.ndarray,
                 y_np: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step (AMP on CUDA, deep supervision, gradient clipping); ``(output, loss)``."""
+    """One optimiser step (AMP on CUDA, deep supervision, gradient clipping); ``(output, loss)``.
+    A non-finite loss takes no step (the caller raises :class:`NonFiniteError`)."""
     x = torch.as_tensor(x_np).to(run.dev, non_blocking=True)
     y = torch.as_tensor(y_np).to(run.dev, non_blocking=True)
     fit.opt.zero_grad(set_to_none=True)
     with torch.autocast(device_type=run.dev.type, dtype=torch.float16, enabled=fit.use_amp):
         out = fit.model(x)
         loss = deep_loss(loss_fn, out, y, st.deep_supervision)
+    if not torch.isfinite(loss.detach()).all():
+        return out, loss
     fit.scaler.scale(loss).backward()
     fit.scaler.unscale_(fit.opt)
     torch.nn.utils.clip_grad_norm_(fit.net.parameters(), float(run.tr.get("grad_clip", 12.0)))

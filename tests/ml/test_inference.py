@@ -83,7 +83,7 @@ def test_predict_cases_parallel_collects_failures_and_skips_done(trained, tmp_pa
     items = [(c[0], c[1], str(tmp_path / f"{c[0]}_seg.nii.gz")) for c in cases[:2]]
     items.append(("broken", str(bad), str(tmp_path / "broken_seg.nii.gz")))
     res = inference.predict_cases(model_dir, items, workers=2, progress=False)
-    assert sorted(res.values) == ["t0", "t1"]
+    assert sorted(res.values) == ["t0", "t1"], res.failures
     assert res.failed_ids == ["broken"]
     assert "broken.nii.gz" in res.failures[0].message
     stamp = (tmp_path / "t0_seg.nii.gz").stat().st_mtime_ns
