@@ -3,6 +3,8 @@ class decoding of network outputs and the patch Dice of the training log."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -102,3 +104,14 @@ def deep_loss(loss_fn, out, y, deep_supervision: int):
         w = ds_weights(len(heads))
         return sum(wi * loss_fn(h.float(), y) for wi, h in zip(w, heads, strict=True))
     return loss_fn(out.float(), y)
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite input batch or loss: the stage, epoch, step and cases are named;
+    the step was not taken, so the weights and the last checkpoint on disk are the last good ones."""
+
+    def __init__(self, stage: str, epoch: int, step: int, case_ids: Sequence[str], what: str):
+        self.stage, self.epoch, self.step, self.case_ids = stage, epoch, step, list(case_ids)
+        super().__init__(f"training stopped: {what} in stage {stage!r}, epoch {epoch + 1}, step {step} "
+                         f"(batch cases: {', '.join(dict.fromkeys(self.case_ids))}); no step was taken with it "
+                         f"and the last checkpoint is the last good state")

@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lib.io.atomic import write_text
+from lib.ml import losses as _losses
 from lib.ml.cache import build_caches, open_cache
 from lib.ml.checkpoint import (
     config_hash,
@@ -569,15 +570,11 @@ def _train_batches(run: _Run, st: StagePlan, fit: _Fit, data: _Data,
     batches = _iterate_batches(data.sampler, epoch, run.iters, run.rank, run.world,
                                int(run.tr.get("num_workers", 0)), run.dev)
     for it, (x_np, y_np) in enumerate(batches):
-        where = (st.name, epoch, it)
-        if not np.isfinite(x_np).all():
-            raise NonFiniteError(*where, data.sampler.batch_case_ids(epoch, it, run.rank, run.world),
-                                 f"{int((~np.isfinite(x_np)).sum())} non-finite input voxels")
         out, loss = _train_step(run, st, fit, data.loss_fn, x_np, y_np)
-        value = float(loss.detach())
-        if not math.isfinite(value):  # stop before a NaN reaches the weights or a checkpoint
-            raise NonFiniteError(*where, data.sampler.batch_case_ids(epoch, it, run.rank, run.world),
-                                 f"loss {value}")
+        if not math.isfinite(value := float(loss.detach())):  # a NaN input gives one too; no step was taken
+            bad = int((~np.isfinite(x_np)).sum())
+            raise _losses.NonFiniteError(st.name, epoch, it, data.sampler.batch_case_ids(epoch, it, run.rank, run.world),
+                                 f"{bad} non-finite input voxels" if bad else f"loss {value}")
         losses.append(value)
         if it == run.iters - 1 or it % 5 == 0:
             head = out[:, 0] if out.dim() == 6 else out
@@ -589,21 +586,13 @@ def _train_batches(run: _Run, st: StagePlan, fit: _Fit, data: _Data,
     return losses, dfg, dmean
 
 
-class NonFiniteError(RuntimeError):
-    """Training met a non-finite input batch or loss: the stage, epoch, step and cases are named;
-    the step was not taken, so the weights and the last checkpoint on disk are the last good ones."""
-
-    def __init__(self, stage: str, epoch: int, step: int, case_ids: Sequence[str], what: str):
-        self.stage, self.epoch, self.step, self.case_ids = stage, epoch, step, list(case_ids)
-        super().__init__(f"training stopped: {what} in stage {stage!r}, epoch {epoch + 1}, step {step} "
-                         f"(batch cases: {', '.join(dict.fromkeys(self.case_ids))}); no step was taken with it "
-                         f"and the last checkpoint is the last good state")
+NonFiniteError = _losses.NonFiniteError  # also lib.ml.trainer.NonFiniteError
 
 
 def _train_step(run: _Run, st: StagePlan, fit: _Fit, loss_fn: Any, x_np: np.ndarray,
                 y_np: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step (AMP on CUDA, deep supervision, gradient clipping); ``(output, loss)``.
-    A non-finite loss takes no step (the caller raises :class:`NonFiniteError`)."""
+    """One optimiser step (AMP on CUDA, deep supervision, gradient clipping); ``(output, loss)``;
+    none with a non-finite loss (the caller raises :class:`lib.ml.losses.NonFiniteError`)."""
     x = torch.as_tensor(x_np).to(run.dev, non_blocking=True)
     y = torch.as_tensor(y_np).to(run.dev, non_blocking=True)
     fit.opt.zero_grad(set_to_none=True)
