@@ -108,8 +108,9 @@ def _kill_and_resume_equals(paths) -> None:
         folder, deadline = runs2 / "ci" / stage, time.time() + 900
         while proc.poll() is None and time.time() < deadline:
             if _stage_running(runs2 / "ci", stage) and list(folder.glob(pattern)):
-                os.killpg(proc.pid, signal.SIGKILL)  # the runner, its kernel and any workers
+                os.killpg(proc.pid, signal.SIGKILL)  # the runner and its workers
                 proc.wait()
+                time.sleep(2)  # its kernel (own process group) sees its parent gone and exits within ~1 s
                 kills.append((stage, pattern))
                 proc = None
                 break
