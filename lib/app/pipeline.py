@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import errno
 import hashlib
 import json
 import re
@@ -66,9 +67,10 @@ STAGE_OUTPUTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
 01 the release images and sheets; 03 the accepted masks (``gt/``) and the release's
 ``readme.txt`` with the special cases (01 writes a first one)."""
 
-DIGEST_EXCLUDE = (".stage.json", "run_record.json", "*.ipynb", "cache", ".previous", "__pycache__", ".lock",
-                  ".digests.json", ".*.tmp", ".partial*")
-"""Never part of an output digest: stamps, the run record and executed notebook (times), caches."""
+DIGEST_EXCLUDE = (".stage.json", "run_record.json", "[0-9][0-9]_*.ipynb", "[0-9][0-9]_*.html", "cache", ".previous",
+                  "__pycache__", ".lock", ".digests.json", ".*.tmp", ".partial*")
+"""Never part of an output digest: stamps, the run record, the executed notebook and its HTML
+rendering (written by the report after the stage, after later stages too), caches."""
 
 STAMP = ".stage.json"
 
@@ -152,7 +154,9 @@ def set_aside(out_dir: Path, dest: Path) -> Path | None:
     for p in items:
         try:
             p.rename(dest / p.name)
-        except OSError:  # another device (a mounted runs folder): copy, then remove
+        except OSError as exc:  # another device (a mounted .previous): copy, then remove
+            if exc.errno != errno.EXDEV:
+                raise
             shutil.move(str(p), str(dest / p.name))
     return dest
 
@@ -197,8 +201,13 @@ def fingerprint(stage: Stage, upstream: str) -> str:
     return h.hexdigest()
 
 
-def why_rerun(st: Stage, profile: str, prev: dict, comps: dict, force: bool) -> str:
-    """Why a stage runs: forced, never ran, or the first component that changed."""
+def why_rerun(st: Stage, profile: str, prev: dict, comps: dict, force: bool,
+              files: dict | None = None) -> str:
+    """Why a stage runs: forced, never ran, or every component that changed.
+
+    ``files``: per upstream stage, what :func:`_upstream_files` gives (its outputs' files then
+    and now), so that a changed upstream output says how many of its files differ.
+    """
     if force:
         return "forced (--force)"
     old = prev.get("components")
@@ -216,13 +225,28 @@ def why_rerun(st: Stage, profile: str, prev: dict, comps: dict, force: bool) -> 
             n = files_differing({"by_file": old.get("data_files", {}).get(d, {})}, {"by_file": comps["data_files"][d]})
             reasons.append(f"input data changed: data/{profile}/{d} ({n} file(s) differ)")
     for up, now in comps["upstream"].items():
-        before = old.get("upstream", {}).get(up, {})
-        if before.get("run_id") != now.get("run_id"):
-            reasons.append(f"upstream {up} re-ran")
-        elif before.get("outputs") != now.get("outputs"):
-            changed = [k for k in now.get("outputs", {}) if before.get("outputs", {}).get(k) != now["outputs"][k]]
-            reasons.append(f"outputs of upstream {up} changed ({', '.join(changed)})")
+        reasons += _upstream_reasons(up, old.get("upstream", {}).get(up, {}), now, profile, (files or {}).get(up))
     return "; ".join(reasons) or "its last run did not finish"
+
+
+def _upstream_reasons(up: str, before: dict, now: dict, profile: str, files: dict | None) -> list[str]:
+    """What changed of one upstream stage since the stage after it ran: its run, or its outputs."""
+    if before.get("run_id") != now.get("run_id"):
+        return [f"upstream {up} re-ran"]
+    reasons = []
+    for folder, digest in now.get("outputs", {}).items():
+        was = before.get("outputs", {}).get(folder)
+        if was == digest:
+            continue
+        n = None
+        if files and files["then_digests"].get(folder) == was and folder in files["then"]:
+            n = files_differing({"by_file": files["then"][folder]}, {"by_file": files["now"].get(folder, {})})
+        count = f"{n} file(s) differ" if n is not None else ""
+        if folder == "run_folder":
+            reasons.append(f"outputs of upstream {up} changed: runs/{profile}/{up}" + (f" ({count})" if count else ""))
+        else:
+            reasons.append(f"input data changed: data/{profile}/{folder} ({count + '; ' if count else ''}written by {up})")
+    return reasons
 
 
 def count_failed_cases(out_dir: Path) -> int:
@@ -300,10 +324,18 @@ def run(profile: str = "synthetic", force: bool = False, stages_spec: str | None
         raise UsageError(f"no notebooks found in {notebook_dir or _params.NOTEBOOK_DIR}")
     selected = {s.name for s in select_stages(all_stages, stages_spec)}
     values = _validated_params(all_stages)  # every params file, before running anything
-    with RunLock(paths.runs) as lock:
+    lock = RunLock(paths.runs)
+    try:
+        lock.acquire()  # before any stamp is read
+    except PermissionError as exc:
+        raise StageFailedError(f"{paths.runs}: cannot take the run lock ({exc.strerror}: {exc.filename}); "
+                               f"is the folder read-only?") from None
+    try:
         if lock.took_over:
             log(f"lock of pid {lock.took_over.get('pid')} taken over (that run ended without finishing)")
         return _run_locked(paths, profile, all_stages, selected, values, force, kernel, report, log)
+    finally:
+        lock.release()
 
 
 def _stage_dir(paths, st: Stage) -> Path:
@@ -313,7 +345,8 @@ def _stage_dir(paths, st: Stage) -> Path:
 def _run_locked(paths, profile, all_stages, selected, values, force, kernel, report, log) -> dict:
     status: dict[str, str] = {}
     failed_cases: dict[str, int] = {}
-    upstream: dict[str, dict] = {}
+    upstream: dict[str, dict] = {}  # per earlier stage: run id and output digests (fingerprinted)
+    files: dict[str, dict] = {}  # per earlier stage: its outputs' files then and now (for the log)
     cache = DigestCache.load(paths.runs / ".digests.json")
     t_total = time.perf_counter()
     try:
@@ -322,32 +355,27 @@ def _run_locked(paths, profile, all_stages, selected, values, force, kernel, rep
             comps = components(st, profile, dict(upstream), cache)
             fp = fingerprint_of(comps)
             prev = _read_stamp(out_dir / STAMP)
-            if st.name not in selected:
-                upstream[st.name] = _upstream_entry(prev, profile, out_dir, st.name, cache)
-                continue
             head = f"[{i}/{len(all_stages)}] {st.name}"
-            if not force and prev.get("fingerprint") == fp and prev.get("status") == "ok":
+            if st.name in selected and (force or prev.get("fingerprint") != fp or prev.get("status") != "ok"):
+                _prepare(paths, out_dir, head, prev, fp, force, log, why_rerun(st, profile, prev, comps, force, files))
+                secs = _execute_stage(st, out_dir, fp, values[st.name], kernel, head)
+                prev = _finish_stage(profile, st, out_dir, fp, comps, secs, cache)
+                n = prev["failed_cases"]
+                tail = f" -- {n} failed case(s) (see {out_dir / FAILED_CASES_CSV})" if n else ""
+                log(f"{head}: done in {secs:.1f} s{tail}")
+                status[st.name], failed_cases[st.name] = "ran", n
+            elif st.name in selected:
                 log(f"{head}: up to date, skipped (ran {prev.get('finished', '?')}, {prev.get('seconds', 0):.0f} s)")
                 status[st.name] = "skipped"
                 failed_cases[st.name] = int(prev.get("failed_cases", 0))
-                upstream[st.name] = _upstream_entry(prev, profile, out_dir, st.name, cache)
-                continue
-            _prepare(paths, out_dir, head, prev, fp, force, log, why_rerun(st, profile, prev, comps, force))
-            secs = _execute_stage(st, out_dir, fp, values[st.name], kernel, head)
-            n_failed = count_failed_cases(out_dir)
-            outputs = stage_outputs(profile, out_dir, st.name, cache)
-            stamp = {"fingerprint": fp, "status": "ok", "seconds": round(secs, 2),
-                     "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "run_id": uuid.uuid4().hex,
-                     "failed_cases": n_failed, "components": comps, "outputs": _summary(outputs)}
-            _write_stamp(out_dir, stamp)
-            tail = f" -- {n_failed} failed case(s), see {out_dir / FAILED_CASES_CSV}" if n_failed else ""
-            log(f"{head}: done in {secs:.1f} s{tail}")
-            status[st.name], failed_cases[st.name] = "ran", n_failed
-            upstream[st.name] = {"run_id": stamp["run_id"], "outputs": stamp["outputs"]}
+            upstream[st.name], files[st.name] = _upstream_entry(prev, profile, out_dir, st.name, cache)
     finally:
         cache.save()
     total = time.perf_counter() - t_total
-    summary = {"profile": profile, "stages": status, "failed_cases": failed_cases, "total_seconds": round(total, 1)}
+    summary = {"profile": profile, "stages": status, "failed_cases": failed_cases,
+               "failed_cases_files": {s: str(_stage_dir(paths, st) / FAILED_CASES_CSV)
+                                      for st in all_stages if (s := st.name) in failed_cases and failed_cases[s]},
+               "total_seconds": round(total, 1)}
     write_text(paths.runs / "pipeline.json", json.dumps(summary, indent=2) + "\n")
     n_failed = sum(failed_cases.values())
     log(f"pipeline {profile}: {sum(v == 'ran' for v in status.values())} ran, "
@@ -358,10 +386,29 @@ def _run_locked(paths, profile, all_stages, selected, values, force, kernel, rep
     return status
 
 
-def _upstream_entry(prev: dict, profile: str, out_dir: Path, stage: str, cache: DigestCache) -> dict:
-    """What later stages' fingerprints hold of a stage: its last run's id and its outputs now."""
-    return {"run_id": prev.get("run_id", "never ran" if not prev else "unknown"),
-            "outputs": _summary(stage_outputs(profile, out_dir, stage, cache))}
+def _finish_stage(profile: str, st: Stage, out_dir: Path, fp: str, comps: dict, secs: float,
+                  cache: DigestCache) -> dict:
+    """Write the ``ok`` stamp of a stage that ran: a new run id, its failed cases, the components
+    of its fingerprint and the digests (and files) of its outputs. Returns the stamp."""
+    outputs = stage_outputs(profile, out_dir, st.name, cache)
+    stamp = {"fingerprint": fp, "status": "ok", "seconds": round(secs, 2),
+             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "run_id": uuid.uuid4().hex,
+             "failed_cases": count_failed_cases(out_dir), "components": comps, "outputs": _summary(outputs),
+             "output_files": {k: v["by_file"] for k, v in outputs.items()}}
+    _write_stamp(out_dir, stamp)
+    return {**stamp, "_fresh": True}  # its outputs were just digested: not again
+
+
+def _upstream_entry(prev: dict, profile: str, out_dir: Path, stage: str, cache: DigestCache) -> tuple[dict, dict]:
+    """What later stages' fingerprints hold of a stage (its last run's id and its outputs now),
+    and its outputs' files when it ran and now (to count what differs; not fingerprinted)."""
+    if prev.get("status") == "ok" and "output_files" in prev and prev.get("_fresh"):
+        outputs = {k: {"digest": prev["outputs"][k], "by_file": v} for k, v in prev["output_files"].items()}
+    else:
+        outputs = stage_outputs(profile, out_dir, stage, cache)
+    entry = {"run_id": prev.get("run_id", "never ran" if not prev else "unknown"), "outputs": _summary(outputs)}
+    return entry, {"then_digests": prev.get("outputs", {}), "then": prev.get("output_files", {}),
+                   "now": {k: v["by_file"] for k, v in outputs.items()}}
 
 
 def _write_stamp(out_dir: Path, stamp: dict) -> None:

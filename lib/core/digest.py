@@ -4,7 +4,11 @@
 SHA-256 of its bytes, in sorted order). Reading GB-size CT folders on every ``make reproduce``
 would be slow, so each file's SHA-256 is cached in a JSON file keyed by (absolute path, size,
 mtime in ns): an unchanged file is not read again; a rewritten file is (and, if its bytes are the
-same, gives the same digest: the digest is of content, never of time stamps).
+same, gives the same digest: the digest is of content, never of time stamps). A file modified
+within :data:`RACY_NS` of being hashed is not cached (a rewrite within the clock's tick could keep
+its size and mtime), and entries of files that no longer exist are dropped when the cache is saved.
+
+``digest_paths([...], cache_file)`` is the one-string form for several files and folders.
 """
 
 from __future__ import annotations
@@ -13,14 +17,22 @@ import fnmatch
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 _BLOCK = 1 << 20
+RACY_NS = 2 * 10**9
+"""A file whose mtime is this close to the time it is hashed is hashed again next time."""
+
+DEFAULT_EXCLUDE = (".stage.json", ".lock", ".previous", "__pycache__", ".digests.json", ".*.tmp", ".partial")
+"""Never content: stage stamps, the run lock, set-aside outputs, byte code, the digest cache and
+temporary files of atomic writes."""
 
 
 def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_BLOCK):
@@ -48,18 +60,28 @@ class DigestCache:
         return cls(p, entries if isinstance(entries, dict) else {})
 
     def sha(self, f: Path) -> str:
+        """The file's SHA-256: from the cache when its size and mtime are the recorded ones."""
         st = f.stat()
         key = str(f.resolve())
         hit = self.entries.get(key)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+        if isinstance(hit, list) and len(hit) == 3 and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return hit[2]
         sha = file_sha256(f)
-        self.entries[key] = [st.st_size, st.st_mtime_ns, sha]
-        self.dirty = True
+        if time.time_ns() - st.st_mtime_ns > RACY_NS:
+            self.entries[key] = [st.st_size, st.st_mtime_ns, sha]
+            self.dirty = True
+        elif self.entries.pop(key, None) is not None:
+            self.dirty = True
         return sha
 
     def save(self) -> None:
-        if self.path is not None and self.dirty:
+        """Write the cache (atomically), without the entries of files that no longer exist."""
+        if self.path is None:
+            return
+        gone = [k for k in self.entries if not os.path.exists(k)]
+        for k in gone:
+            del self.entries[k]
+        if self.dirty or gone:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(self.entries))
@@ -74,18 +96,25 @@ def _excluded(rel: str, exclude: Iterable[str]) -> bool:
 
 def tree_files(root: Path, exclude: Iterable[str] = ()) -> list[tuple[str, Path]]:
     """``(relative path, path)`` of every file under ``root`` (sorted), without the excluded ones:
-    a pattern matches the relative path or any of its parts (``cache`` drops a ``cache/`` folder)."""
+    a pattern matches the relative path or any of its parts (``cache`` drops a ``cache/`` folder).
+    Linked folders are followed (downloads are often linked in), each real folder once."""
     exclude = list(exclude)
     if root.is_file():
         return [(root.name, root)]
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         base = Path(dirpath)
-        rel_dir = base.relative_to(root).as_posix()
-        dirnames[:] = sorted(d for d in dirnames if not _excluded(f"{rel_dir}/{d}".lstrip("./"), exclude))
+        st = base.stat()
+        if (st.st_dev, st.st_ino) in seen:  # a link back up the tree: walked already
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        prefix = "" if base == root else base.relative_to(root).as_posix() + "/"
+        dirnames[:] = sorted(d for d in dirnames if not _excluded(prefix + d, exclude))
         for name in sorted(filenames):
-            rel = f"{rel_dir}/{name}".lstrip("./") if rel_dir != "." else name
-            if not _excluded(rel, exclude):
+            rel = prefix + name
+            if not _excluded(rel, exclude) and (base / name).is_file():
                 out.append((rel, base / name))
     return sorted(out)
 
@@ -102,6 +131,23 @@ def digest_tree(root: str | Path, exclude: Iterable[str] = (), cache: DigestCach
     for rel, sha in by_file.items():
         h.update(f"{rel}\0{sha}\n".encode())
     return {"digest": h.hexdigest(), "files": len(by_file), "by_file": by_file}
+
+
+def digest_paths(paths: Iterable[str | Path], cache_file: str | Path | None = None,
+                 exclude: Iterable[str] = DEFAULT_EXCLUDE) -> str:
+    """One SHA-256 of the content of several files and folders (any order; a missing one counts).
+
+    Each path contributes its name and :func:`digest_tree` digest, so a moved workspace keeps its
+    digests. ``cache_file``: the per-file cache (:class:`DigestCache`), read and saved here.
+    """
+    cache = DigestCache.load(cache_file)
+    exclude = tuple(exclude)
+    parts = sorted((Path(p).name, str(p), digest_tree(p, exclude, cache)["digest"]) for p in paths)
+    cache.save()
+    h = hashlib.sha256()
+    for name, _, dig in parts:
+        h.update(f"{name}\0{dig}\n".encode())
+    return h.hexdigest()
 
 
 def files_differing(a: dict, b: dict) -> int:

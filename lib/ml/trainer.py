@@ -570,11 +570,11 @@ def _train_batches(run: _Run, st: StagePlan, fit: _Fit, data: _Data,
     batches = _iterate_batches(data.sampler, epoch, run.iters, run.rank, run.world,
                                int(run.tr.get("num_workers", 0)), run.dev)
     for it, (x_np, y_np) in enumerate(batches):
-        out, loss = _train_step(run, st, fit, data.loss_fn, x_np, y_np)
-        if not math.isfinite(value := float(loss.detach())):  # a NaN input gives one too; no step was taken
-            bad = int((~np.isfinite(x_np)).sum())
-            raise _losses.NonFiniteError(st.name, epoch, it, data.sampler.batch_case_ids(epoch, it, run.rank, run.world),
-                                 f"{bad} non-finite input voxels" if bad else f"loss {value}")
+        out, loss, norm = _train_step(run, st, fit, data.loss_fn, x_np, y_np)
+        if not (math.isfinite(value := float(loss.detach())) and math.isfinite(norm)):  # no step was taken
+            bad = int((~np.isfinite(x_np)).sum())  # a NaN input gives a NaN loss
+            what = f"{bad} non-finite input voxels" if bad else f"gradient norm {norm}" if math.isfinite(value) else f"loss {value}"
+            raise _losses.NonFiniteError(st.name, epoch, it, data.sampler.batch_case_ids(epoch, it, run.rank, run.world), what)
         losses.append(value)
         if it == run.iters - 1 or it % 5 == 0:
             head = out[:, 0] if out.dim() == 6 else out
@@ -590,9 +590,10 @@ NonFiniteError = _losses.NonFiniteError  # also lib.ml.trainer.NonFiniteError
 
 
 def _train_step(run: _Run, st: StagePlan, fit: _Fit, loss_fn: Any, x_np: np.ndarray,
-                y_np: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step (AMP on CUDA, deep supervision, gradient clipping); ``(output, loss)``;
-    none with a non-finite loss (the caller raises :class:`lib.ml.losses.NonFiniteError`)."""
+                y_np: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimiser step (AMP on CUDA, deep supervision, gradient clipping); ``(output, loss, gradient
+    norm)`` (norm 0 when not computed or with AMP, whose scaler skips non-finite gradients itself);
+    none with a non-finite loss or norm (the caller raises :class:`lib.ml.losses.NonFiniteError`)."""
     x = torch.as_tensor(x_np).to(run.dev, non_blocking=True)
     y = torch.as_tensor(y_np).to(run.dev, non_blocking=True)
     fit.opt.zero_grad(set_to_none=True)
@@ -600,13 +601,14 @@ def _train_step(run: _Run, st: StagePlan, fit: _Fit, loss_fn: Any, x_np: np.ndar
         out = fit.model(x)
         loss = deep_loss(loss_fn, out, y, st.deep_supervision)
     if not torch.isfinite(loss.detach()).all():
-        return out, loss
+        return out, loss, 0.0
     fit.scaler.scale(loss).backward()
     fit.scaler.unscale_(fit.opt)
-    torch.nn.utils.clip_grad_norm_(fit.net.parameters(), float(run.tr.get("grad_clip", 12.0)))
-    fit.scaler.step(fit.opt)
-    fit.scaler.update()
-    return out, loss
+    norm = torch.nn.utils.clip_grad_norm_(fit.net.parameters(), float(run.tr.get("grad_clip", 12.0)))
+    if math.isfinite(norm := 0.0 if fit.use_amp else float(norm)):  # else the caller raises, no step
+        fit.scaler.step(fit.opt)
+        fit.scaler.update()
+    return out, loss, norm
 
 
 def _write_checkpoint(run: _Run, totals: _Totals, stage: _Stage, fit: _Fit, prog: _Progress) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
 
+from lib.app import lock as lock_module
 from lib.app import pipeline
+from lib.app.lock import LOCK_NAME
 from lib.core.params import ParamsError
 
 
@@ -139,7 +142,26 @@ def test_freshness_follows_the_data_a_forced_upstream_and_edited_upstream_output
     (root / "runs" / "ci" / "00_first" / "table.csv").write_text("edited by hand\n")
     status, log = _logged_run(root)
     assert status["01_second"] == "ran"
-    assert "outputs of upstream 00_first changed (run_folder)" in log
+    assert "outputs of upstream 00_first changed: runs/ci/00_first (1 file(s) differ)" in log
+
+
+def test_a_changed_release_image_reruns_the_stages_after_the_one_that_wrote_it(project, monkeypatch):
+    root, _ = project
+    release = root / "data" / "ci" / "CTSpine1K" / "trainset" / "data"
+    release.mkdir(parents=True)
+    for i in range(3):  # as if 00_first had written the release
+        (release / f"liver_{i}.nii.gz").write_bytes(bytes([i]) * 64)
+    monkeypatch.setattr(pipeline, "STAGE_OUTPUTS", {"00_first": [("CTSpine1K", ())]})
+    assert _logged_run(root)[0] == {"00_first": "ran", "01_second": "ran"}
+    (release / "liver_1.nii.gz").write_bytes(b"\x07" * 64)
+    (release / "liver_2.nii.gz").unlink()
+    status, log = _logged_run(root)
+    assert status == {"00_first": "skipped", "01_second": "ran"}
+    assert "re-running: input data changed: data/ci/CTSpine1K (2 file(s) differ; written by 00_first)" in log
+    stamp = json.loads((root / "runs" / "ci" / "01_second" / pipeline.STAMP).read_text())
+    assert set(stamp["components"]) >= {"notebook", "params", "data", "upstream"}
+    assert stamp["components"]["upstream"]["00_first"]["run_id"] == json.loads(
+        (root / "runs" / "ci" / "00_first" / pipeline.STAMP).read_text())["run_id"]  # a skipped stage keeps its id
 
 
 def test_failed_cases_are_counted_and_give_exit_status_3(project, monkeypatch):
@@ -152,7 +174,8 @@ def test_failed_cases_are_counted_and_give_exit_status_3(project, monkeypatch):
     status, log = _logged_run(root)
     assert status["01_second"] == "ran"
     assert "01_second: done in" in log
-    assert "1 failed case(s), see" in log
+    assert "1 failed case(s) (see " in log
+    assert "01_second/failed_cases.csv)" in log
     summary = json.loads((root / "runs" / "ci" / "pipeline.json").read_text())
     assert summary["failed_cases"] == {"00_first": 0, "01_second": 1}
     monkeypatch.setattr(pipeline, "run", lambda *a, **k: {})
@@ -185,3 +208,59 @@ def test_a_read_only_stage_folder_is_one_clear_error(project, monkeypatch):
     monkeypatch.setattr(pipeline, "write_text", refuse)
     with pytest.raises(pipeline.StageFailedError, match=r"01_second: cannot write the stage stamp .*read-only"):
         _run(root)
+
+
+def test_a_set_aside_across_devices_falls_back_to_a_move_other_errors_are_not_copied(tmp_path, monkeypatch):
+    out = tmp_path / "runs" / "ci" / "04_benchmark"
+    (out / "tables").mkdir(parents=True)
+    (out / "tables" / "t.csv").write_text("a\n")
+    (out / "cache").mkdir()
+    (out / pipeline.STAMP).write_text("{}")
+
+    def cross_device(self, target):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", str(self))
+
+    monkeypatch.setattr(pipeline.Path, "rename", cross_device)
+    dest = tmp_path / "runs" / "ci" / ".previous" / "04_benchmark"
+    assert pipeline.set_aside(out, dest) == dest
+    assert (dest / "tables" / "t.csv").read_text() == "a\n"
+    assert sorted(p.name for p in out.iterdir()) == [pipeline.STAMP, "cache"]
+
+    (out / "x.csv").write_text("x")
+
+    def refused(self, target):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(pipeline.Path, "rename", refused)
+    with pytest.raises(PermissionError):
+        pipeline.set_aside(out, dest)
+    assert not (dest / "x.csv").exists()  # no half copy: only another device falls back
+    assert (out / "x.csv").exists()
+
+
+def test_a_runs_folder_where_the_lock_cannot_be_written_is_one_line_exit_1(project, monkeypatch, capsys):
+    root, out = project
+    real_open = lock_module.os.open
+
+    def refuse(path, *a, **k):
+        if str(path).endswith(LOCK_NAME):
+            raise PermissionError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(lock_module.os, "open", refuse)
+    with pytest.raises(pipeline.StageFailedError, match=r"runs/ci: cannot take the run lock .*read-only"):
+        _run(root)
+    assert not (out / "00_first.txt").exists()
+    monkeypatch.setattr(pipeline, "_validated_params", lambda stages: {})
+    assert pipeline.main(["--profile", "ci"]) == pipeline.EXIT_STAGE_FAILED
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "cannot take the run lock" in err
+
+
+def test_the_reports_notebook_html_in_a_stage_folder_does_not_make_it_stale(project):
+    root, _ = project
+    assert set(_run(root).values()) == {"ran"}
+    # the report renders every executed notebook beside it, after the last stage ran
+    (root / "runs" / "ci" / "00_first" / "00_first.html").write_text("<html>rendered</html>")
+    assert set(_run(root).values()) == {"skipped"}

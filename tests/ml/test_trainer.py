@@ -143,3 +143,24 @@ def test_train_rejects_unknown_labels(tmp_path):
     res = trainer.train(cases, tmp_path / "y", plan2, max_epochs=2, iterations_per_epoch=1, progress=False)
     assert res.model_path.exists()
     assert load_volume(cases[0][2]).array.max() == 23
+
+
+def test_nan_gradients_of_a_finite_loss_stop_training_before_a_step(tmp_path, monkeypatch):
+    cases = toy_cases(tmp_path / "d", 2)
+    real, calls = trainer.deep_loss, {"n": 0}
+
+    def nan_gradients_at_4(loss_fn, out, y, ds):
+        calls["n"] += 1
+        value = real(loss_fn, out, y, ds)
+        # forward: value + 0 (finite); backward: 0 * d sqrt(x)/dx at 0 = 0 * inf = NaN for every weight
+        return value + 0.0 * torch.sqrt(value - value) if calls["n"] == 4 else value
+
+    monkeypatch.setattr(trainer, "deep_loss", nan_gradients_at_4)
+    with pytest.raises(trainer.NonFiniteError, match=r"gradient norm nan in stage 'coarse', epoch 2, step 1") as err:
+        trainer.train(cases, tmp_path / "m", tiny_plan(cases), stages=["coarse"], max_epochs=3,
+                      iterations_per_epoch=2, progress=False, device="cpu", num_threads=1)
+    assert err.value.case_ids  # the batch's cases are named
+    state = torch.load(tmp_path / "m" / "stage_coarse" / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1  # the last good epoch; the NaN step was not taken
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if torch.is_floating_point(v))
+    assert not (tmp_path / "m" / "stage_coarse" / "final.pt").exists()
