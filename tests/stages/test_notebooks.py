@@ -118,12 +118,12 @@ def _kill_and_resume_equals(paths) -> None:
                 break
             time.sleep(0.05)
         if proc is not None and proc.poll() is not None:
-            assert proc.returncode == 0, f"run before kill point {stage}: {pattern} exited {proc.returncode}"
+            assert proc.returncode in (0, 3), f"run before kill point {stage}: {pattern} exited {proc.returncode}"
             proc = None
     if proc is not None:
-        assert proc.wait(timeout=1800) == 0
+        assert proc.wait(timeout=1800) in (0, 3)  # 3: the ci data plants a faulty VerSe scan (listed)
     final = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    assert final.returncode == 0, final.stderr[-3000:]
+    assert final.returncode == 3, final.stderr[-3000:]  # done; 02 lists the planted VerSe fault
     assert len(kills) >= 7, f"only {len(kills)} kills landed while their stage ran: {kills}"
     assert {s for s, _ in kills} == {"02_pretraining", "03_annotation", "04_benchmark"}, kills
     for stage in ("02_pretraining", "03_annotation", "04_benchmark"):
