@@ -190,17 +190,6 @@ def fingerprint_of(comps: dict) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
-def fingerprint(stage: Stage, upstream: str) -> str:
-    """Hash of the notebook, its params file and an upstream text (kept for callers that chain
-    stages by hand; the pipeline uses :func:`components`)."""
-    h = hashlib.sha256()
-    h.update(upstream.encode())
-    for f in (stage.notebook, stage.params_file):
-        h.update(f.name.encode())
-        h.update(f.read_bytes() if f.exists() else b"<missing>")
-    return h.hexdigest()
-
-
 def why_rerun(st: Stage, profile: str, prev: dict, comps: dict, force: bool,
               files: dict | None = None) -> str:
     """Why a stage runs: forced, never ran, or every component that changed.
