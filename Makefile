@@ -1,5 +1,6 @@
 # spine1k workspace. `make help` lists the targets.
 SHELL := /bin/bash
+comma := ,
 .DEFAULT_GOAL := help
 
 PROFILE ?= synthetic
@@ -9,6 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 FORCE ?=
 STAGES ?=
+EXTRAS ?=
 PYTEST_ARGS ?=
 export PYTHONUNBUFFERED := 1
 export MPLBACKEND := Agg
@@ -17,7 +19,7 @@ export MPLBACKEND := Agg
 
 help: ## List the targets with a one-line description
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: PROFILE=$(PROFILE) (synthetic|ci|paper)  FORCE=1 re-runs stages  STAGES=02-04 subset"
+	@echo "  variables: PROFILE=$(PROFILE) (synthetic|ci|paper)  FORCE=1 re-runs stages  STAGES=02-04 subset  EXTRAS=nnunet (setup)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
@@ -26,7 +28,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (spine1k)" >/dev/null
 	@touch $(STAMP)
 
-setup: $(STAMP) ## Create .venv and install the workspace (idempotent; re-runs when pyproject.toml changes)
+# An optional extra (EXTRAS=nnunet): installed with the CPU torch pinned; PyPI's torchvision, which
+# timm pulls in, does not import beside that torch ("operator torchvision::nms does not exist") and
+# nothing the workspace runs needs it, so it is removed (lib/ml/nnunet/tools.py says which paths would).
+$(VENV)/.installed-extra-%: $(STAMP) constraints/torch-cpu.txt
+	$(PY) -m pip install --quiet -e '.[$*]' -c constraints/torch-cpu.txt
+	$(PY) -m pip uninstall --quiet -y torchvision 2>/dev/null || true
+	@touch $@
+
+setup: $(STAMP) $(foreach e,$(subst $(comma), ,$(EXTRAS)),$(VENV)/.installed-extra-$(e)) ## Create .venv and install the workspace (idempotent; re-runs when pyproject.toml changes); EXTRAS=nnunet adds nnU-Net v2
 
 lab: $(STAMP) ## Start JupyterLab on localhost (token kept; open the printed URL)
 	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root,)

@@ -52,8 +52,16 @@ SplitUnlisted = typing.Literal["error", "exclude", "seeded"]
 """01: what a split-file ID matching no case, or a case the split file does not list, is
 (:mod:`lib.stages.curation.release`): an error, kept out of every split, or split by the seeded rule."""
 
+Backend = typing.Literal["cascade", "nnunetv2"]
+"""04: who plans, trains and predicts the final model: the workspace's MONAI cascade
+(:mod:`lib.ml.trainer`) or nnU-Net v2 itself (:mod:`lib.ml.nnunet`, the ``nnunet`` extra)."""
+NnunetPlan = typing.Literal["default", "reduced"]
+"""nnU-Net v2 plans: its default planner (the paper's 3d_fullres), or its planner at a coarser
+target spacing and a smaller memory target (a CPU-sized plan of nnU-Net's own kind)."""
+
 CHOICES: dict[str, Any] = {"Profile": Profile, "HD95": HD95, "OnError": OnError, "AnnotationMode": AnnotationMode,
-                           "InitFrom": InitFrom, "ProfileKind": ProfileKind, "SplitUnlisted": SplitUnlisted}
+                           "InitFrom": InitFrom, "ProfileKind": ProfileKind, "SplitUnlisted": SplitUnlisted,
+                           "Backend": Backend, "NnunetPlan": NnunetPlan}
 """Named choices a parameters cell may use as a type (``hd95: HD95 = "pooled"``): papermill parses a
 plain name, not a ``Literal[...]`` with quoted values, so the choices are declared once here."""
 
