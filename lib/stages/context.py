@@ -117,6 +117,8 @@ class StageContext:
         P: the validated parameters (attribute access, read-only).
         paths: the profile's folders (:class:`lib.core.paths.ProfilePaths`).
         timings: named wall times (``with ctx.timings("train"): ...``).
+        facts: what steps of the run noted for its record (merged into ``extra`` by
+            :meth:`write_record`; e.g. nnU-Net's integrity report).
     """
 
     stage: str
@@ -124,6 +126,7 @@ class StageContext:
     paths: ProfilePaths
     timings: runinfo.Timings = field(default_factory=runinfo.Timings)
     failures: list[dict] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def start(cls, stage: str, namespace: dict[str, Any], seed: bool = False) -> StageContext:
@@ -183,7 +186,7 @@ class StageContext:
         failed cases) and ``failed_cases.csv``; then, with ``on_error: raise`` and failures, raises
         :class:`StageFailuresError`."""
         self.write_failures()
-        extra = {**(extra or {}), "failed_cases": list(self.failures), "n_failed": len(self.failures)}
+        extra = {**self.facts, **(extra or {}), "failed_cases": list(self.failures), "n_failed": len(self.failures)}
         path = write_run_record(self.dir, self.P, extra=extra, timings=dict(self.timings))
         if self.failures and getattr(self.P, "on_error", "collect") == "raise":
             raise StageFailuresError(self.stage, self.failures)

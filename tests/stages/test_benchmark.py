@@ -146,3 +146,30 @@ def test_table2_states_which_test_verse_applied_and_the_verse_sets_score_t13(tmp
     md = (ctx.tables / "table2.md").read_text()
     assert "Test_VerSe: 2 usable VerSe scan(s) of 2 subjects (complete, uncropped" in md
     assert "(init_from: scratch; cases: tables/test_verse_cases.csv)" in md
+
+
+def test_nnunet_backend_trains_from_scratch_only():
+    values = params.load_params(params.params_file("ci", "04_benchmark"), "04_benchmark")
+    values.update(backend="nnunetv2", init_from="annotation")
+    with pytest.raises(ValueError, match="backend nnunetv2 trains from scratch.*init_from: scratch"):
+        benchmark.start(values)
+    values.update(init_from="scratch")
+    assert benchmark.start(values).P.backend == "nnunetv2"
+
+
+def test_side_by_side_without_nnunet_says_why_and_substitutes_nothing(monkeypatch):
+    from lib.stages.benchmark import nnunet_backend
+    monkeypatch.setattr(nnunet_backend.nnunet, "missing_reason", lambda: "nnU-Net v2 is not installed: make setup EXTRAS=nnunet")
+    assert benchmark.side_by_side(_ctx(side_by_side=False), [], [], 10.0, {}) is None
+    ctx = _ctx(side_by_side=True)
+    summary = {"n_cases": 2, "n_failed": 0, "mean_of_vertebrae": {"dice": {"mean": 0.5}, "identification_rate_pooled": 0.25,
+                                                                 "localisation_mm": {"mean": 7.0}},
+               "mean_of_spine": {"dice": {"mean": 0.9}}}
+    ctx.timings["predict"] = 8.0
+    table = benchmark.side_by_side(ctx, [], [object()] * 4, 120.0, {"test_public": summary})
+    rows = table.set_index("backend")
+    assert rows.loc["cascade", ["mean_vertebra_dice", "spine_dice", "identification_rate", "train_s",
+                                "inference_s_per_case"]].tolist() == [0.5, 0.9, 0.25, 120.0, 2.0]
+    assert rows.loc["nnunetv2", "notes"] == "not run: nnU-Net v2 is not installed: make setup EXTRAS=nnunet"
+    assert pd.isna(rows.loc["nnunetv2", "mean_vertebra_dice"])
+    assert (ctx.tables / "backend_comparison.csv").exists()

@@ -10,6 +10,9 @@ Test_VerSe follows what the final model has seen (:mod:`lib.datasets.benchmark_s
 scratch, every usable VerSe scan (the paper's); warm-started from a VerSe-pretrained model, the
 usable scans 02 held out. ``tables/test_verse_cases.csv`` lists each VerSe scan and why it is in a
 set or not; the run record and ``tables/table2.md`` state the definition that applied.
+
+``backend`` chooses who trains and predicts: ``cascade`` (the workspace's MONAI cascade) or
+``nnunetv2`` (nnU-Net v2 itself, from scratch as the paper; :mod:`lib.stages.benchmark.nnunet_backend`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from lib.evaluation.table2 import build_table2, table2_markdown
 from lib.io.atomic import write_text
 from lib.io.nifti import load_volume
 from lib.ml.inference import predict_cases
-from lib.ml.trainer import TrainResult, train
+from lib.ml.trainer import train
+from lib.stages.benchmark import nnunet_backend
+from lib.stages.benchmark.nnunet_backend import side_by_side  # noqa: F401  (notebook API)
 from lib.stages.context import StageContext, print_environment  # noqa: F401  (notebook API)
 from lib.viz.browser import CaseBrowser
 from lib.viz.charts import plot_dice_by_vertebra, plot_training_curves
@@ -49,8 +54,17 @@ STAGE = "04_benchmark"
 
 
 def start(namespace: dict) -> StageContext:
-    """Validate the notebook's parameters, create the stage folders, seed with ``P.seed``."""
-    return StageContext.start(STAGE, namespace, seed=True)
+    """Validate the notebook's parameters, create the stage folders, seed with ``P.seed``.
+
+    Raises:
+        ValueError: ``backend: nnunetv2`` with ``init_from`` other than ``scratch`` (nnU-Net v2
+            trains from scratch here, as the paper's did).
+    """
+    ctx = StageContext.start(STAGE, namespace, seed=True)
+    if ctx.P.backend == "nnunetv2" and ctx.P.init_from != "scratch":
+        raise ValueError(f"04_benchmark: backend nnunetv2 trains from scratch, as the paper's nnU-Net; set "
+                         f"init_from: scratch (it is {ctx.P.init_from!r}) or backend: cascade")
+    return ctx
 
 
 def initial_model(ctx: StageContext) -> Path | None:
@@ -97,9 +111,13 @@ def describe_cases(train_cases: Sequence[Case], cases: Sequence[Case]) -> str:
         f"{s} {sum(c.split == s for c in cases)}" for s in dict.fromkeys(c.split for c in cases))
 
 
-def train_final(ctx: StageContext, train_cases: Sequence[Case], init: Path | None) -> TrainResult:
-    """Train the final model (``models/final``) and save its training curves (``figures/``)."""
+def train_final(ctx: StageContext, train_cases: Sequence[Case], init: Path | None):
+    """Train the final model and save its training curves (``figures/training_curves.png``):
+    the cascade into ``models/final`` (a :class:`lib.ml.trainer.TrainResult`), or nnU-Net v2 into
+    ``nnunet/nnUNet_results`` (a :class:`lib.ml.nnunet.NnunetTrainResult`)."""
     P = ctx.P
+    if P.backend == "nnunetv2":
+        return nnunet_backend.train_nnunet(ctx, train_cases)
     result = train([c.triple() for c in train_cases], ctx.models / "final", init_from=init, max_epochs=P.max_epochs,
                    lr=P.learning_rate or None, seed=P.seed, device=P.device, num_threads=P.num_threads,
                    cache_dir=ctx.dir / "cache")
@@ -110,6 +128,8 @@ def train_final(ctx: StageContext, train_cases: Sequence[Case], init: Path | Non
 def predict(ctx: StageContext, model_dir: Path, cases: Sequence[Case]) -> tuple[list[Case], MapResult]:
     """Predict every test case into ``predictions/<set>/`` (existing outputs are kept: re-runs
     resume); returns the cases with ``prediction`` set and the map result (failures listed)."""
+    if ctx.P.backend == "nnunetv2":
+        return nnunet_backend.predict_nnunet(ctx, model_dir, cases)
     out = [c.with_prediction(prediction_path(ctx.dir, c.split, c.case_id)) for c in cases]
     for c in out:
         c.prediction.parent.mkdir(parents=True, exist_ok=True)
@@ -184,10 +204,10 @@ def explore(ctx: StageContext, cases: Sequence[Case]):
     return browser, preview
 
 
-def record(ctx: StageContext, result: TrainResult, init: Path | None, pred: MapResult, summaries: dict) -> Path:
-    """The run record: training, initial model, prediction failures, mean vertebra Dice per set."""
+def record(ctx: StageContext, result, init: Path | None, pred: MapResult, summaries: dict) -> Path:
+    """The run record: backend, training, initial model, prediction failures, mean vertebra Dice per set."""
     return ctx.write_record({
-        "train": result.to_json(), "init_from": str(init), "prediction_failures": [str(f) for f in pred.failures],
+        "backend": ctx.P.backend, "train": result.to_json(), "init_from": str(init), "prediction_failures": [str(f) for f in pred.failures],
         "mean_of_vertebrae": {s: v.get("mean_of_vertebrae", {}).get("dice", {}).get("mean") for s, v in summaries.items()},
         "hd95_definition": ctx.P.hd95, "test_verse_definition": verse_definition(ctx),
         "cases_per_set": {s: v.get("n_cases") for s, v in summaries.items()},

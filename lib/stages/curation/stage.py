@@ -9,6 +9,7 @@ Nothing in this stage reads the synthetic oracle.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +20,7 @@ from lib.datasets.ctspine1k.table1 import build_table1, table1_markdown
 from lib.datasets.nnunet import export_nnunet
 from lib.datasets.verse import export_verse_centroids
 from lib.io.atomic import write_text
+from lib.ml import nnunet
 from lib.stages.context import StageContext
 from lib.stages.curation.config import CurationConfig
 from lib.stages.curation.convert import ConversionOutcome, convert_selected, quality_faults
@@ -129,11 +131,33 @@ def write_table1(cfg: CurationConfig) -> tuple[pd.DataFrame, str]:
 
 
 def export(ctx: StageContext, cfg: CurationConfig) -> tuple[Path | None, list[Path]]:
-    """The nnU-Net v2 raw dataset (when ``export_nnunet``) and VerSe-style centroid files."""
+    """The nnU-Net v2 raw dataset (when ``export_nnunet``; checked by nnU-Net itself when it is
+    installed, :func:`verify_export`) and VerSe-style centroid files."""
     P = ctx.P
     nnunet_dir = export_nnunet(cfg.release_dir, cfg.stage_dir / "nnunet", P.nnunet_dataset_id, P.nnunet_name) \
         if P.export_nnunet else None
+    if nnunet_dir is not None:
+        verify_export(ctx, nnunet_dir)
     return nnunet_dir, export_verse_centroids(cfg.release_dir, cfg.stage_dir / "centroids")
+
+
+def verify_export(ctx: StageContext, dataset: Path) -> dict:
+    """nnU-Net v2's ``verify_dataset_integrity`` on the export, recorded as ``nnunet_integrity`` in
+    the run record; when nnU-Net is not installed or the export holds no training case yet (the
+    masks come from 03), the record says the check was not run and why.
+
+    Raises:
+        lib.ml.nnunet.NnunetIntegrityError: nnU-Net refused the export (its messages).
+    """
+    n = json.loads((dataset / "dataset.json").read_text())["numTraining"]
+    reason = nnunet.missing_reason() or (None if n else "no training case with a mask yet (03 fills trainset/gt)")
+    if reason:
+        fact = {"dataset": str(dataset), "passed": None, "not_run": reason}
+    else:
+        fact = nnunet.verify_dataset(dataset, nnunet.NnunetFolders(dataset.parent), log=dataset.parent / "nnunet.log").to_json()
+    ctx.facts["nnunet_integrity"] = fact
+    print("nnU-Net v2 integrity check:", "passed" if fact["passed"] else f"not run: {fact.get('not_run')}")
+    return fact
 
 
 def save_previews(ctx: StageContext, cfg: CurationConfig) -> Path:
