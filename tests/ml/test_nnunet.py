@@ -103,3 +103,37 @@ def test_nnunet_accepts_our_export_and_names_each_planted_fault(tmp_path):
         nnunet.verify_dataset(ds, folders)
     assert "Spacing mismatch between segmentation and corresponding images" in str(err.value)
     assert str(geo) in str(err.value)
+
+
+def _budgeted(monkeypatch, epochs: int, budget_s: float):
+    from types import SimpleNamespace
+
+    from lib.ml.nnunet import trainer as tr
+    t = tr.nnUNetTrainerSpine1k.__new__(tr.nnUNetTrainerSpine1k)  # no plans needed for the schedule logic
+    monkeypatch.setattr(tr.nnUNetTrainer, "on_epoch_end", lambda self: setattr(self, "current_epoch", self.current_epoch + 1))
+    t.num_epochs = t._requested_epochs = epochs
+    t.budget_s, t._epochs_here, t.current_epoch, t._loop_start = budget_s, 0, 0, 0.0
+    t.lr_scheduler, t.print_to_log_file = SimpleNamespace(max_steps=epochs), lambda *a, **k: None
+    return tr, t
+
+
+@needs_nnunet
+def test_a_budget_compresses_nnunets_schedule_and_ends_training_when_spent(monkeypatch):
+    tr, t = _budgeted(monkeypatch, epochs=100, budget_s=100.0)
+    monkeypatch.setattr(tr.time, "monotonic", lambda: 10.0 * t._epochs_here)  # 10 s per epoch
+    t.on_epoch_end()
+    assert (t.num_epochs, t.lr_scheduler.max_steps) == (10, 10)  # the poly schedule stretched over 10 epochs
+    for _ in range(8):
+        t.on_epoch_end()
+    with pytest.raises(tr.BudgetSpent):
+        t.on_epoch_end()
+    assert t.current_epoch == 10
+
+
+@needs_nnunet
+def test_a_schedule_that_fits_its_budget_is_left_to_nnunet(monkeypatch):
+    tr, t = _budgeted(monkeypatch, epochs=3, budget_s=1000.0)
+    monkeypatch.setattr(tr.time, "monotonic", lambda: 10.0 * t._epochs_here)
+    for _ in range(3):
+        t.on_epoch_end()  # never raises: nnU-Net's own loop ends after epoch 3
+    assert (t.num_epochs, t.current_epoch) == (3, 3)

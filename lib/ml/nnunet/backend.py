@@ -216,8 +216,8 @@ def train(plan: Plan, folders: NnunetFolders, dataset_name: str, epochs: int, it
         tools.run([sys.executable, "-m", "lib.ml.nnunet.jobs", "train", str(spec_file)], env, log, echo)
     seconds = time.perf_counter() - t0
     n_epochs, metrics = _final_metrics(fold / "checkpoint_final.pth")
-    text = log.read_text() if log.exists() else ""
-    return NnunetTrainResult(model_dir, n_epochs, seconds, metrics, plan, schedule, "spine1k budget spent" in text, log)
+    text = (log.read_text() if log.exists() else "").rsplit("lib.ml.nnunet.jobs train", 1)[-1]  # this run's part
+    return NnunetTrainResult(model_dir, n_epochs, seconds, metrics, plan, schedule, "spine1k budget:" in text, log)
 
 
 def predict(model_dir: Path, items: Sequence[tuple[str, str | Path, str | Path]], folders: NnunetFolders,

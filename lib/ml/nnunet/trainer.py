@@ -6,9 +6,12 @@ poly learning-rate schedule — with four settings read from the environment:
 
 * ``SPINE1K_NNUNET_EPOCHS`` (nnU-Net: 1000) and ``SPINE1K_NNUNET_ITERATIONS`` (iterations per
   epoch, nnU-Net: 250; validation iterations scale with it, nnU-Net: 50);
-* ``SPINE1K_NNUNET_BUDGET_S``: a wall-clock budget for the training loop, checked at the end of
-  each epoch (0: none). When it is spent, training ends there as nnU-Net ends it
-  (``checkpoint_final.pth``), the learning rate not yet decayed to zero, and the log says so;
+* ``SPINE1K_NNUNET_BUDGET_S``: a wall-clock budget for the training loop (0: none). After each
+  epoch the number of epochs is refitted to what the rest of the budget holds at the epochs'
+  mean time (never more than asked for), and the poly learning-rate schedule is stretched over
+  that number, so a budgeted run is nnU-Net's schedule compressed, ending with its learning rate
+  near zero. Training ends as nnU-Net ends it (``checkpoint_final.pth``) when the refitted
+  schedule is done or the budget is spent, and the log says which;
 * ``SPINE1K_NNUNET_VALIDATION`` = 0 skips nnU-Net's final validation (on fold ``all`` it predicts
   the training cases again; the workspace evaluates the test sets itself).
 
@@ -50,6 +53,8 @@ class nnUNetTrainerSpine1k(nnUNetTrainer):  # noqa: N801  (nnU-Net's trainer nam
         self.budget_s = float(env.get("SPINE1K_NNUNET_BUDGET_S", 0) or 0)
         self.final_validation = env.get("SPINE1K_NNUNET_VALIDATION", "1") != "0"
         self._loop_start = None
+        self._epochs_here = 0
+        self._requested_epochs = self.num_epochs
 
     def on_train_start(self):
         super().on_train_start()
@@ -59,11 +64,21 @@ class nnUNetTrainerSpine1k(nnUNetTrainer):  # noqa: N801  (nnU-Net's trainer nam
                                f"iterations (validation {self.num_val_iterations_per_epoch}), {budget}")
 
     def on_epoch_end(self):
-        super().on_epoch_end()
+        super().on_epoch_end()  # current_epoch is now the number of epochs done
+        if not self.budget_s:
+            return
+        self._epochs_here += 1
         spent = time.monotonic() - self._loop_start
-        if self.budget_s and spent >= self.budget_s and self.current_epoch < self.num_epochs:
-            self.print_to_log_file(f"spine1k budget spent: {spent:.0f} s >= {self.budget_s:.0f} s after "
-                                   f"{self.current_epoch} of {self.num_epochs} epochs; training ends here")
+        epoch_s = spent / self._epochs_here
+        fitted = min(self.num_epochs, self.current_epoch + int((self.budget_s - spent) // epoch_s))
+        if fitted != self.num_epochs:
+            self.num_epochs = max(self.current_epoch, fitted)
+            self.lr_scheduler.max_steps = max(self.num_epochs, self.current_epoch + 1)
+        if self.current_epoch >= self._requested_epochs:
+            return  # the schedule asked for is done within the budget: nnU-Net's loop ends by itself
+        if spent >= self.budget_s or self.current_epoch >= self.num_epochs:
+            self.print_to_log_file(f"spine1k budget: {spent:.0f} s of {self.budget_s:.0f} s after "
+                                   f"{self.current_epoch} epochs ({epoch_s:.1f} s each); training ends here")
             raise BudgetSpent
 
     def run_training(self):
