@@ -128,7 +128,7 @@ def run(command: Sequence[str | Path], env: Mapping[str, str], log: Path | None 
     last_bar = 0.0
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
-    sink = open(log, "a", encoding="utf-8") if log is not None else None  # noqa: SIM115  (closed below)
+    sink = open(log, "a", encoding="utf-8", buffering=1) if log is not None else None  # noqa: SIM115  (closed below; line-buffered: the log is live)
     try:
         if sink:
             sink.write(f"$ {' '.join(command)}\n")
