@@ -62,7 +62,7 @@ def export_trainset(ctx: StageContext, train_cases: Sequence[Case]) -> Path:
 
 def verify_export(ctx: StageContext, ds: Path) -> nnunet.IntegrityReport:
     """nnU-Net v2's own integrity check on the export (raises :class:`lib.ml.nnunet.NnunetIntegrityError`
-    with its messages); the report goes into ``nnunet/integrity.json`` and the run record."""
+    with its messages); the report goes into the run record (``nnunet_integrity``)."""
     report = nnunet.verify_dataset(ds, folders(ctx), num_processes=1, log=_log(ctx))
     ctx.facts["nnunet_integrity"] = report.to_json()
     return report
