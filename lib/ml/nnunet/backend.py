@@ -24,8 +24,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from lib.io.atomic import write_text
 from lib.ml.nnunet import tools
 from lib.ml.nnunet.tools import NnunetError, NnunetFolders
@@ -174,13 +172,8 @@ class NnunetTrainResult:
                 "schedule": self.schedule, "budget_spent": self.budget_spent, "log": str(self.log_file)}
 
 
-def _final_metrics(checkpoint: Path) -> tuple[int, dict]:
-    """Epochs run and the last logged values, from nnU-Net's checkpoint."""
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    logging = ck.get("logging", {})
-    last = {k: (float(v[-1]) if not isinstance(v[-1], list) else [float(x) for x in v[-1]])
-            for k, v in logging.items() if v and k in ("train_losses", "val_losses", "ema_fg_dice", "mean_fg_dice")}
-    return int(ck.get("current_epoch", 0)), last  # nnU-Net saves the number of epochs done
+TRAIN_RESULT = "spine1k_train_result.json"
+"""Written by the training job beside the model: epochs done and the last logged values."""
 
 
 def train(plan: Plan, folders: NnunetFolders, dataset_name: str, epochs: int, iterations_per_epoch: int,
@@ -199,7 +192,7 @@ def train(plan: Plan, folders: NnunetFolders, dataset_name: str, epochs: int, it
     same = key_file.exists() and json.loads(key_file.read_text()) == schedule
     log = log or model_dir / "spine1k_train.log"
     t0 = time.perf_counter()
-    if not (same and (fold / "checkpoint_final.pth").exists()):
+    if not (same and (fold / "checkpoint_final.pth").exists() and (model_dir / TRAIN_RESULT).exists()):
         resume = same and (fold / "checkpoint_latest.pth").exists()
         if not resume and model_dir.exists():
             shutil.rmtree(model_dir)
@@ -215,7 +208,8 @@ def train(plan: Plan, folders: NnunetFolders, dataset_name: str, epochs: int, it
         write_text(spec_file, json.dumps(spec, indent=1) + "\n")
         tools.run([sys.executable, "-m", "lib.ml.nnunet.jobs", "train", str(spec_file)], env, log, echo)
     seconds = time.perf_counter() - t0
-    n_epochs, metrics = _final_metrics(fold / "checkpoint_final.pth")
+    done = json.loads((model_dir / TRAIN_RESULT).read_text())  # the job read nnU-Net's checkpoint
+    n_epochs, metrics = done["epochs"], done["final_metrics"]
     text = (log.read_text() if log.exists() else "").rsplit("lib.ml.nnunet.jobs train", 1)[-1]  # this run's part
     return NnunetTrainResult(model_dir, n_epochs, seconds, metrics, plan, schedule, "spine1k budget:" in text, log)
 

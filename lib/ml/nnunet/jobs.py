@@ -46,6 +46,18 @@ def train(spec_file: str) -> None:
     maybe_load_checkpoint(trainer, bool(spec.get("resume")), False)
     trainer.run_training()
     trainer.perform_actual_validation(False)
+    write_train_result(Path(trainer.output_folder))
+
+
+def write_train_result(fold: Path) -> None:
+    """``<model>/spine1k_train_result.json``: epochs done and the last logged losses / pseudo Dice,
+    from ``checkpoint_final.pth`` (read here, so the parent never loads torch or the checkpoint)."""
+    ck = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    keys = ("train_losses", "val_losses", "ema_fg_dice", "mean_fg_dice")
+    last = {k: (float(v[-1]) if not isinstance(v[-1], list) else [float(x) for x in v[-1]])
+            for k, v in ck.get("logging", {}).items() if v and k in keys}
+    result = {"epochs": int(ck.get("current_epoch", 0)), "final_metrics": last}  # nnU-Net saves the epochs done
+    (fold.parent / "spine1k_train_result.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 def _predictor(spec: dict):
