@@ -29,9 +29,10 @@ from lib.core import labels as L
 from lib.core.cases import Case
 from lib.core.parallel import map_cases
 from lib.core.paths import SPLITS
+from lib.imaging.components import nonzero_extent
 from lib.io.atomic import atomic_path
-from lib.io.integrity import check_pair
-from lib.io.nifti import load_volume, strip_nifti_suffix
+from lib.io.integrity import image_faults, load_checked, mask_faults
+from lib.io.nifti import canonical_geometry, open_nifti, strip_nifti_suffix
 from lib.metrics.centroids import body_centroids_mm
 
 VERSE_COLUMNS = ["case_id", "subject", "release", "layout", "image", "mask", "centroids", "ctd_frame", "scan_key"]
@@ -269,26 +270,34 @@ def inspect_verse_case(item: dict[str, Any]) -> dict[str, Any]:
         if not Path(item[key]).exists():
             row["reason"], row["fault"] = f"{key} missing: {item[key]}", True
             return row
-    faults = check_pair(item["image"], item["mask"], allowed_labels=L.VERSE_LABELS)
-    img = load_volume(item["image"])
-    row["shape"] = "x".join(str(n) for n in img.shape)
-    row["spacing_mm"] = " ".join(f"{v:.3g}" for v in img.spacing)
-    try:
-        msk = load_volume(item["mask"])
-        row["mask_spacing_mm"] = " ".join(f"{v:.3g}" for v in msk.spacing)
-    except Exception as exc:  # reported through faults too
-        row["reason"], row["fault"] = str(exc), True
+    # each file read once: the CT as int16/float32, the mask slab by slab into uint8 (VerSe
+    # stores float64 masks), its label values counted on the way (lib.io.read_mask)
+    img, faults = load_checked(item["image"], canonical=False, kind="image")
+    if img is None:
+        row["reason"], row["fault"] = "; ".join(f.message for f in faults), True
         return row
+    faults = image_faults(img, item["image"])
+    img_ras = canonical_geometry(img.original_affine, img.shape)
+    row["shape"] = "x".join(str(n) for n in img_ras[1])
+    row["spacing_mm"] = " ".join(f"{v:.3g}" for v in img_ras[0])
+    del img
+    msk, read_faults = load_checked(item["mask"], canonical=True, kind="mask")
+    if msk is None:
+        row["reason"], row["fault"] = "; ".join(f.message for f in read_faults), True
+        return row
+    row["mask_spacing_mm"] = " ".join(f"{v:.3g}" for v in msk.spacing)
+    image_grid = open_nifti(item["image"]).header_volume()
+    faults += mask_faults(msk, image_grid, allowed_labels=L.VERSE_LABELS, path=item["mask"])
     if faults:
         row["fault"] = True
-        if not np.allclose(msk.spacing, img.spacing, atol=1e-3):
+        if not np.allclose(msk.spacing, img_ras[0], atol=1e-3):
             row["reason"] = (f"mask spacing {row['mask_spacing_mm']} mm differs from image spacing "
                              f"{row['spacing_mm']} mm")
         else:
             row["reason"] = "; ".join(f.message for f in faults)
         return row
-    m = np.asarray(msk.array)
-    present = L.ordered(int(v) for v in np.unique(m) if v != 0)
+    m = msk.array
+    present = L.ordered(v for v, n in msk.meta["label_scan"].counts.items() if v != 0 and n)
     row["labels"] = " ".join(L.name(v) for v in present)
     row["n_vertebrae"] = len(present)
     if not present:
@@ -306,10 +315,10 @@ def inspect_verse_case(item: dict[str, Any]) -> dict[str, Any]:
     if gaps:
         row["reason"] = f"labels missing inside the spine: {' '.join(gaps)}"
         return row
-    idx = np.nonzero(m)
-    sp = np.asarray(img.spacing)
-    lo = np.array([int(i.min()) for i in idx]) * sp
-    hi = (np.array(m.shape) - 1 - np.array([int(i.max()) for i in idx])) * sp
+    first, last = nonzero_extent(m)
+    sp = np.asarray(msk.spacing)
+    lo = first * sp
+    hi = (np.array(m.shape) - 1 - last) * sp
     touching = [f"{'RAS'[a]}-{'low' if lo[a] < border_mm else 'high'}" for a in range(3)
                 if lo[a] < border_mm or hi[a] < border_mm]
     if touching:

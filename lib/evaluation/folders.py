@@ -153,7 +153,7 @@ def truth_faults(vol: Volume, labels: Iterable[int], path: str | Path | None = N
 
 def _read_truth(gt_path: Path, labels: Sequence[int]) -> Volume:
     """The truth in RAS+ order, checked (:func:`truth_faults`); raises :class:`lib.io.IntegrityError`."""
-    vol, faults = load_checked(gt_path)
+    vol, faults = load_checked(gt_path, kind="mask")  # smallest integer type, values scanned on the way
     if vol is not None:
         faults = truth_faults(vol, labels, gt_path)
     if faults:
@@ -177,7 +177,7 @@ def _load_prediction(pred_path: Path, gt_vol: Volume) -> np.ndarray:
     """The prediction's label map, checked (readable, finite integers, none negative) and on the
     truth's grid in RAS+ order (shape; affine within :data:`AFFINE_ATOL_MM` mm); labels outside the
     table are no fault (they count as false positives). Raises :class:`lib.io.IntegrityError`."""
-    pred_vol, faults = load_checked(pred_path)
+    pred_vol, faults = load_checked(pred_path, kind="mask")
     if pred_vol is not None:
         faults = mask_faults(pred_vol, gt_vol, affine_atol_mm=AFFINE_ATOL_MM, grid="ras", path=pred_path)
     if faults:

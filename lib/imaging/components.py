@@ -67,6 +67,19 @@ def postprocess_labels(labels: np.ndarray, spacing: Sequence[float], largest_com
     return out
 
 
+def nonzero_extent(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """First and last index (inclusive) of the non-zero voxels along each axis, from the axis
+    projections (no coordinate arrays); None when every voxel is 0."""
+    first, last = [], []
+    for a in range(arr.ndim):
+        hit = np.flatnonzero(np.any(arr != 0, axis=tuple(b for b in range(arr.ndim) if b != a)))
+        if hit.size == 0:
+            return None
+        first.append(int(hit[0]))
+        last.append(int(hit[-1]))
+    return np.array(first), np.array(last)
+
+
 def spine_bbox(fg: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Bounding box ``(lo, hi)`` of the largest 26-connected component of ``fg`` and of every
     other component at least a tenth of its size (a spine split by a gap stays whole)."""

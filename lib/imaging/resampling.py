@@ -104,13 +104,44 @@ def interp_axis(arr: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
     return a * (1 - w) + b * w
 
 
-def resample_image(arr: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
-    """Trilinear resampling of a 3D image to ``new_shape`` (same extent), float32."""
-    out = np.asarray(arr, dtype=np.float32)
-    for axis in range(3):
-        if out.shape[axis] != new_shape[axis]:
-            out = interp_axis(out, axis, source_coords(arr.shape[axis], int(new_shape[axis])))
-    return np.ascontiguousarray(out, dtype=np.float32)
+RESAMPLE_SLAB_VOXELS = 1 << 23
+"""Output voxels per slab of :func:`resample_image` (bounds its temporaries)."""
+
+
+def resample_image(arr: np.ndarray, new_shape: Sequence[int], slab_voxels: int = RESAMPLE_SLAB_VOXELS,
+                   transform=None) -> np.ndarray:
+    """Trilinear resampling of a 3D image to ``new_shape`` (same extent), float32.
+
+    Computed in slabs along the last axis (x, then y, then z interpolation of the source slices
+    each output slab needs), so besides the result only about ``slab_voxels`` voxels of
+    temporaries exist: the same values as interpolating the whole volume axis by axis.
+    ``transform`` (elementwise, e.g. a CT normalisation) is applied to each source block first:
+    the result equals ``resample_image(transform(arr), new_shape)`` without the whole transformed copy.
+    """
+    arr = np.asarray(arr)
+    new_shape = tuple(int(n) for n in new_shape)
+    tf = transform if transform is not None else (lambda a: a)
+    if arr.shape == new_shape:
+        return np.ascontiguousarray(tf(arr), dtype=np.float32)
+    out = np.empty(new_shape, dtype=np.float32)
+    nz = arr.shape[2]
+    cz = np.clip(source_coords(nz, new_shape[2]), 0, nz - 1) if new_shape[2] != nz else None
+    step = max(1, int(slab_voxels) // max(1, new_shape[0] * new_shape[1]))
+    for j0 in range(0, new_shape[2], step):
+        j1 = min(new_shape[2], j0 + step)
+        if cz is None:
+            block, zc = np.asarray(tf(arr[:, :, j0:j1]), dtype=np.float32), None
+        else:
+            lo = int(np.floor(cz[j0:j1].min()))
+            hi = min(int(np.floor(cz[j0:j1].max())) + 1, nz - 1)
+            block, zc = np.asarray(tf(arr[:, :, lo:hi + 1]), dtype=np.float32), cz[j0:j1] - lo  # exact shifts
+        for axis in (0, 1):
+            if block.shape[axis] != new_shape[axis]:
+                block = interp_axis(block, axis, source_coords(arr.shape[axis], new_shape[axis]))
+        if zc is not None:
+            block = interp_axis(block, 2, zc)
+        out[:, :, j0:j1] = block
+    return out
 
 
 def resample_labels(seg: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:

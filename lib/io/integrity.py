@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from nibabel import orientations
 
-from lib.io.nifti import NiftiReadError, Volume, load_volume
+from lib.io.nifti import NiftiReadError, Volume, load_ct, load_volume, open_nifti
 
 FAULT_KINDS = ("unreadable", "not_3d", "bad_spacing", "non_finite", "not_integer", "shape", "affine",
                "unknown_label", "negative_label", "empty")
@@ -100,17 +100,25 @@ def _read_fault(path: str | Path, exc: Exception) -> Fault:
     return Fault(str(path), message, kind)
 
 
-def load_checked(path: str | Path, canonical: bool = True) -> tuple[Volume | None, list[Fault]]:
-    """Read a NIfTI file (:func:`lib.io.load_volume`) and turn any failure into a :class:`Fault`.
+def load_checked(path: str | Path, canonical: bool = True, kind: str = "any") -> tuple[Volume | None, list[Fault]]:
+    """Read a NIfTI file and turn any failure into a :class:`Fault`.
 
     Checks what reading needs: the file exists and decodes (gzip intact), is 3D, has positive
     finite spacing and a non-singular affine.
 
+    Args:
+        kind: ``"any"``: values as stored (:func:`lib.io.load_volume`); ``"image"``: a CT
+            (:func:`lib.io.load_ct`: int16 or float32); ``"mask"``: a label map
+            (:func:`read_mask`: the smallest integer type, the value scan in ``meta``).
+
     Returns:
         ``(volume, [])``, or ``(None, [fault])`` (kind ``unreadable``, ``not_3d`` or ``bad_spacing``).
     """
+    loaders = {"any": load_volume, "image": load_ct, "mask": read_mask}
+    if kind not in loaders:
+        raise ValueError(f"kind must be one of {sorted(loaders)}, got {kind!r}")
     try:
-        vol = load_volume(path, canonical=canonical)
+        vol = loaders[kind](path, canonical=canonical)
     except Exception as exc:  # NiftiReadError, or whatever nibabel raises on a damaged header
         return None, [_read_fault(path, exc)]
     lin = np.asarray(vol.original_affine, dtype=np.float64)[:3, :3]
@@ -199,6 +207,84 @@ def scan_labels(arr: np.ndarray) -> LabelScan:
     for k in range(0, arr.shape[-1], step):
         _scan_slab(scan, arr[..., k:k + step])
     return scan
+
+
+_MASK_DTYPES = (np.uint8, np.uint16, np.uint32, np.int8, np.int16, np.int32, np.int64)
+
+
+def smallest_int_dtype(lo: int, hi: int) -> np.dtype:
+    """The smallest integer dtype holding ``lo..hi`` (unsigned when ``lo >= 0``)."""
+    for dt in _MASK_DTYPES:
+        info = np.iinfo(dt)
+        if (lo >= 0 or info.min < 0) and info.min <= lo and hi <= info.max:
+            return np.dtype(dt)
+    raise ValueError(f"label values {lo}..{hi} exceed int64")
+
+
+def _integer_slab(slab: np.ndarray) -> np.ndarray:
+    """A slab as integers: float voxels that are NaN/inf or not integral become 0 (the scan
+    counts them)."""
+    if slab.dtype == bool:
+        return slab.view(np.uint8)
+    if np.issubdtype(slab.dtype, np.integer):
+        return slab
+    ok = np.isfinite(slab)
+    ok &= slab == np.round(np.where(ok, slab, 0))
+    return np.where(ok, slab, 0).astype(np.int64)
+
+
+def read_mask(path: str | Path, canonical: bool = True) -> Volume:
+    """Read a label map slab by slab into the smallest integer type that holds its values.
+
+    A float64 mask (as VerSe stores them) of 512 x 512 x 800 voxels thus costs its uint8 result
+    (210 MB) and one slab, never the 1.7 GB float64 copy. The values are scanned on the way
+    (``meta["label_scan"]``: a :class:`LabelScan` that :func:`mask_faults` reuses); voxels that
+    are NaN/inf or not integral are counted there and stored as 0, so check the scan (or use
+    :func:`load_mask`, which raises on them). ``meta["stored_dtype"]`` is the file's dtype.
+
+    Raises:
+        lib.io.NiftiReadError: as :func:`lib.io.load_volume`.
+    """
+    f = open_nifti(path)
+    scan = LabelScan()
+    if not np.issubdtype(f.stored_dtype, np.number):
+        scan.numeric = False
+        vol = f.volume(f.read(), canonical)
+    else:
+        out: np.ndarray | None = None
+        for k0, k1, slab in f.slabs():
+            _scan_slab(scan, slab)
+            ints = _integer_slab(slab)
+            if ints.size:
+                lo, hi = int(ints.min()), int(ints.max())
+                if out is None:
+                    out = np.zeros(f.shape, dtype=smallest_int_dtype(min(lo, 0), hi), order="F")
+                elif not (np.iinfo(out.dtype).min <= lo and hi <= np.iinfo(out.dtype).max):
+                    info = np.iinfo(out.dtype)
+                    out = out.astype(smallest_int_dtype(min(lo, info.min, 0), max(hi, info.max)))
+                out[:, :, k0:k1] = ints
+        vol = f.volume(out if out is not None else np.zeros(f.shape, np.uint8, order="F"), canonical)
+    vol.meta["label_scan"] = scan
+    vol.meta["stored_dtype"] = str(f.stored_dtype)
+    return vol
+
+
+def load_mask(path: str | Path, canonical: bool = True) -> Volume:
+    """A label map in the smallest integer type that holds it (:func:`read_mask`), after checking
+    that every value is a finite integer.
+
+    Raises:
+        IntegrityError: unreadable file, NaN/inf or non-integer values (kinds ``unreadable``,
+            ``not_3d``, ``bad_spacing``, ``non_finite``, ``not_integer``; file and fault named).
+    """
+    vol, faults = load_checked(path, canonical, kind="mask")
+    if vol is not None:
+        scan = vol.meta["label_scan"]
+        faults = [f for f in _value_faults(scan, str(path), np.dtype(vol.meta["stored_dtype"]), None, False)
+                  if f.kind in ("non_finite", "not_integer")]
+    if faults:
+        raise IntegrityError(faults)
+    return vol
 
 
 def label_counts(arr: np.ndarray) -> dict[int, int]:
@@ -299,7 +385,10 @@ def mask_faults(vol: Volume, reference: Volume | None = None, *, allowed_labels:
         path: the name used in the faults (default ``vol.path``).
     """
     where = str(path if path is not None else vol.path)
-    faults = _value_faults(scan_labels(vol.array), where, vol.array.dtype, allowed_labels, require_nonempty)
+    scan = vol.meta.get("label_scan") if vol.meta else None
+    dtype = np.dtype(vol.meta["stored_dtype"]) if scan is not None else vol.array.dtype
+    faults = _value_faults(scan if scan is not None else scan_labels(vol.array), where, dtype, allowed_labels,
+                           require_nonempty)
     if reference is not None:
         faults += grid_faults(vol, reference, where, None, affine_atol_mm, grid)
     return faults
@@ -307,14 +396,17 @@ def mask_faults(vol: Volume, reference: Volume | None = None, *, allowed_labels:
 
 def check_image(path: str | Path) -> list[Fault]:
     """Faults of an image file: unreadable, not 3D, bad spacing, NaN/inf voxels. Empty when usable."""
-    vol, faults = load_checked(path, canonical=False)
+    vol, faults = load_checked(path, canonical=False, kind="image")
     return faults if vol is None else image_faults(vol, path)
 
 
 def _reference_volume(reference: str | Path | Volume | None) -> tuple[Volume | None, list[Fault]]:
     if reference is None or isinstance(reference, Volume):
         return reference, []
-    return load_checked(reference, canonical=False)
+    try:  # only its grid is compared: the header is enough
+        return open_nifti(reference).header_volume(), []
+    except Exception as exc:  # NiftiReadError or a damaged header
+        return None, [_read_fault(reference, exc)]
 
 
 def check_mask(path: str | Path, reference_image: str | Path | Volume | None = None, *,
@@ -323,7 +415,7 @@ def check_mask(path: str | Path, reference_image: str | Path | Volume | None = N
     """Faults of a mask or prediction file (see :func:`mask_faults`); the grid is checked against
     ``reference_image`` (a path or a loaded volume) when it is given and readable (an unreadable
     reference is not this mask's fault: check it with :func:`check_image`). Empty when usable."""
-    vol, faults = load_checked(path, canonical=False)
+    vol, faults = load_checked(path, canonical=False, kind="mask")
     if vol is None:
         return faults
     ref, ref_faults = _reference_volume(reference_image)
@@ -344,16 +436,42 @@ def check_pair(image_path: str | Path, mask_path: str | Path | None = None,
     Returns:
         A list of :class:`Fault` s, empty when the pair is usable. Each names its file.
     """
-    img, faults = load_checked(image_path, canonical=False)
+    img, faults = load_checked(image_path, canonical=False, kind="image")
     if img is not None:
         faults = image_faults(img, image_path)
     if mask_path is None:
         return faults
-    msk, mask_read = load_checked(mask_path, canonical=False)
+    msk, mask_read = load_checked(mask_path, canonical=False, kind="mask")
     if msk is None:
         return faults + mask_read
     return faults + mask_faults(msk, img, allowed_labels=allowed_labels, require_nonempty=require_nonempty,
                                 affine_atol_mm=affine_atol_mm, path=mask_path)
+
+
+def load_pair(image_path: str | Path, mask_path: str | Path, allowed_labels: Iterable[int] | None = None,
+              affine_atol_mm: float = DEFAULT_AFFINE_ATOL_MM, *, require_nonempty: bool = False,
+              canonical: bool = True) -> tuple[Volume, Volume]:
+    """Read a CT (:func:`lib.io.load_ct`) and its mask (:func:`read_mask`), each once, and check them
+    as :func:`check_pair` does.
+
+    Returns:
+        ``(image, mask)`` in RAS+ order (``canonical``).
+
+    Raises:
+        IntegrityError: every fault of the pair, each naming its file.
+    """
+    img, faults = load_checked(image_path, canonical=canonical, kind="image")
+    if img is not None:
+        faults = image_faults(img, image_path)
+    msk, mask_read = load_checked(mask_path, canonical=canonical, kind="mask")
+    if msk is None:
+        faults += mask_read
+    else:
+        faults += mask_faults(msk, img, allowed_labels=allowed_labels, require_nonempty=require_nonempty,
+                              affine_atol_mm=affine_atol_mm, path=mask_path)
+    if faults:
+        raise IntegrityError(faults)
+    return img, msk
 
 
 def verify_case(image_path: str | Path, mask_path: str | Path | None = None, *,

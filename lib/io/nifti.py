@@ -153,52 +153,172 @@ def _raw_pixdim(path: Path) -> np.ndarray | None:
         return None
 
 
-def load_volume(path: str | Path, canonical: bool = True, dtype=None) -> Volume:
-    """Load a NIfTI image or mask.
+def _read_error(path: Path, exc: Exception) -> NiftiReadError:
+    """The :class:`NiftiReadError` of a file nibabel failed on (gzip damage told apart)."""
+    if isinstance(exc, NiftiReadError):
+        return exc
+    text = str(exc).lower()
+    gz = isinstance(exc, (EOFError, zlib.error)) or "gzip" in text or "compressed" in text
+    known = isinstance(exc, (EOFError, zlib.error, OSError, ValueError))
+    kind = "truncated or corrupt gzip stream" if known and gz else "unreadable NIfTI"
+    return NiftiReadError(f"{path}: {kind} ({type(exc).__name__}: {exc})")
 
-    Args:
-        path: ``.nii`` or ``.nii.gz`` file.
-        canonical: reorient voxel axes to RAS+ (permute/flip only).
-        dtype: optional dtype to cast to (e.g. ``np.int16`` for CT in HU, ``np.uint8`` for masks).
+
+SLAB_VOXELS = 1 << 22
+"""Voxels per slab when a volume is read slab by slab (:func:`iter_slabs`; bounds the temporaries)."""
+
+
+@dataclass
+class NiftiFile:
+    """An opened NIfTI file whose header has been checked: 3D (or 4D with one frame), positive
+    finite spacing. The voxels are read by :meth:`read` (whole, as stored) or :meth:`slabs`."""
+
+    path: Path
+    image: nib.Nifti1Image
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        return np.dtype(self.image.get_data_dtype())
+
+    @property
+    def scaled(self) -> bool:
+        """True when the header's scl_slope/scl_inter change the stored values."""
+        slope, inter = (getattr(self.image.dataobj, a, None) for a in ("slope", "inter"))
+        return not ((slope is None or slope == 1) and (inter is None or inter == 0))
+
+    def read(self) -> np.ndarray:
+        """All voxels, file order, as nibabel gives them (scaled data as float64)."""
+        try:
+            data = np.asanyarray(self.image.dataobj)
+        except Exception as exc:  # nibabel/gzip raise assorted errors on damaged files
+            raise _read_error(self.path, exc) from exc
+        return data[..., 0] if data.ndim == 4 else data
+
+    def slabs(self, max_voxels: int = SLAB_VOXELS):
+        """Yield ``(k0, k1, slab)`` along the file's last voxel axis (as :meth:`read` scales them),
+        reading the file once, front to back."""
+        per = max(1, self.shape[0] * self.shape[1])
+        step = max(1, int(max_voxels) // per)
+        four_d = len(self.image.shape) == 4
+        for k0 in range(0, self.shape[2], step):
+            k1 = min(self.shape[2], k0 + step)
+            try:
+                slab = self.image.dataobj[:, :, k0:k1, 0] if four_d else self.image.dataobj[:, :, k0:k1]
+            except Exception as exc:  # truncated stream part way through
+                raise _read_error(self.path, exc) from exc
+            yield k0, k1, np.asarray(slab)
+
+    def header_volume(self) -> Volume:
+        """A stand-in :class:`Volume` with this file's grid and a zero-stride array (no voxel read):
+        for the checks that need only the grid."""
+        return Volume(np.broadcast_to(np.zeros((), np.uint8), self.shape), self.affine, self.affine, _RAS.copy(),
+                      self.image.header.copy(), self.path)
+
+    def volume(self, data: np.ndarray, canonical: bool = True) -> Volume:
+        """A :class:`Volume` of ``data`` (file voxel order) with this file's geometry."""
+        header = self.image.header.copy()
+        if not canonical:
+            return Volume(data, self.affine, self.affine, _RAS.copy(), header, self.path)
+        ornt = orientations.io_orientation(self.affine)
+        arr = to_canonical_order(data, ornt)  # a view (no copy); np.ascontiguousarray it if needed
+        can_affine = self.affine @ orientations.inv_ornt_aff(orientations.ornt_transform(ornt, _RAS), data.shape)
+        return Volume(arr, can_affine, self.affine, ornt, header, self.path)
+
+
+def open_nifti(path: str | Path) -> NiftiFile:
+    """Open a NIfTI file and check its header (no voxel read yet).
 
     Raises:
-        NiftiReadError: missing, truncated or corrupt file, or no usable spacing; the
+        NiftiReadError: missing file, unreadable header, not 3D, or no usable spacing; the
             message names the file.
     """
     path = Path(path)
     if not path.exists():
         raise NiftiReadError(f"{path}: file not found")
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except (EOFError, zlib.error, OSError, ValueError) as exc:
-        text = str(exc).lower()
-        gz = isinstance(exc, (EOFError, zlib.error)) or "gzip" in text or "compressed" in text
-        kind = "truncated or corrupt gzip stream" if gz else "unreadable NIfTI"
-        raise NiftiReadError(f"{path}: {kind} ({type(exc).__name__}: {exc})") from exc
+        img = nib.load(str(path), keep_file_open=True)
+        shape = tuple(int(n) for n in img.shape)
     except Exception as exc:  # nibabel raises assorted errors on damaged headers
-        raise NiftiReadError(f"{path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from exc
+        raise _read_error(path, exc) from exc
     raw_pixdim = _raw_pixdim(path)
     if raw_pixdim is not None and not (np.all(np.isfinite(raw_pixdim)) and np.all(raw_pixdim > 0)):
         # nibabel silently replaces zero pixdims by 1 mm; a missing spacing must not pass unseen
         raise NiftiReadError(f"{path}: missing or invalid voxel spacing (pixdim {raw_pixdim.tolist()})")
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise NiftiReadError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise NiftiReadError(f"{path}: expected a 3D volume, got shape {tuple(img.shape)}")
     affine = np.asarray(img.affine, dtype=np.float64)
     sp = spacing_from_affine(affine)
     if not all(np.isfinite(sp)) or min(sp) <= 0:
         raise NiftiReadError(f"{path}: missing or invalid voxel spacing {sp}")
+    return NiftiFile(path, img, shape, affine)
+
+
+def load_volume(path: str | Path, canonical: bool = True, dtype=None) -> Volume:
+    """Load a NIfTI image or mask with its values as stored (scaled data as float64).
+
+    For the hot paths use :func:`load_ct` (int16 or float32) and :func:`lib.io.load_mask`
+    (the smallest integer type), which read slab by slab and never hold a float64 copy.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file.
+        canonical: reorient voxel axes to RAS+ (permute/flip only).
+        dtype: optional dtype to cast to.
+
+    Raises:
+        NiftiReadError: missing, truncated or corrupt file, or no usable spacing; the
+            message names the file.
+    """
+    f = open_nifti(path)
+    data = f.read()
     if dtype is not None:
         data = data.astype(dtype, copy=False)
-    header = img.header.copy()
-    if not canonical:
-        return Volume(data, affine, affine, _RAS.copy(), header, path)
-    ornt = orientations.io_orientation(affine)
-    arr = to_canonical_order(data, ornt)  # a view (no copy); np.ascontiguousarray it if needed
-    can_affine = affine @ orientations.inv_ornt_aff(orientations.ornt_transform(ornt, _RAS), data.shape)
-    return Volume(arr, can_affine, affine, ornt, header, path)
+    return f.volume(data, canonical)
+
+
+_INT16 = np.iinfo(np.int16)
+
+
+def _exact_int16(f: NiftiFile) -> bool:
+    """Whether every value the header can give fits int16 exactly (integer slope and intercept)."""
+    dt = f.stored_dtype
+    if not np.issubdtype(dt, np.integer):
+        return False
+    slope, inter = (getattr(f.image.dataobj, a, None) for a in ("slope", "inter"))
+    slope = 1.0 if slope is None or not np.isfinite(slope) else float(slope)
+    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    if slope != round(slope) or inter != round(inter):
+        return False
+    info = np.iinfo(dt)
+    ends = [info.min * slope + inter, info.max * slope + inter]
+    return _INT16.min <= min(ends) and max(ends) <= _INT16.max
+
+
+def load_ct(path: str | Path, canonical: bool = True) -> Volume:
+    """Load a CT in HU as int16 when the stored values are exactly int16 after the header's
+    scaling, else float32; read slab by slab, so no float64 copy of the volume ever exists.
+
+    Values an int16 range could not hold exactly (a uint16 file with an intercept whose stored
+    range exceeds int16, float data) come back as float32; ``meta["stored_dtype"]`` says what
+    the file holds.
+
+    Raises:
+        NiftiReadError: as :func:`load_volume`.
+    """
+    f = open_nifti(path)
+    if not f.scaled and f.stored_dtype in (np.int16, np.int8, np.uint8):
+        data = f.read().astype(np.int16, copy=False)
+    else:
+        out_dtype = np.int16 if _exact_int16(f) else np.float32
+        data = np.empty(f.shape, dtype=out_dtype, order="F")
+        for k0, k1, slab in f.slabs():
+            data[:, :, k0:k1] = slab
+    vol = f.volume(data, canonical)
+    vol.meta["stored_dtype"] = str(f.stored_dtype)
+    return vol
 
 
 def nifti_bytes(array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None,

@@ -23,8 +23,7 @@ from lib.core.parallel import CaseFailuresError, map_cases
 from lib.core.seeding import stable_rng
 from lib.imaging.resampling import resample_image, resample_labels, resampled_shape
 from lib.io.atomic import atomic_path, write_text
-from lib.io.integrity import Fault, IntegrityError, check_pair
-from lib.io.nifti import load_volume
+from lib.io.integrity import Fault, IntegrityError, check_pair, load_pair
 from lib.ml.plans import Plan, StagePlan, plan_from_dict, plan_to_dict
 from lib.ml.preprocessing import (
     LEVEL_NEAR_MM,
@@ -127,11 +126,8 @@ def cache_case(job: CacheJob) -> dict[str, dict[str, Any]]:
     if not todo:
         return out
     plan = plan_from_dict(job.plan)
-    require_cacheable(job.image_path, job.mask_path, plan)
-    img_v = load_volume(job.image_path)
-    msk_v = load_volume(job.mask_path)
-    if img_v.shape != msk_v.shape:
-        raise ValueError(f"{job.mask_path}: mask shape {msk_v.shape} differs from image shape {img_v.shape}")
+    # each file read once (CT int16/float32, mask uint8) and checked as require_cacheable does
+    img_v, msk_v = load_pair(job.image_path, job.mask_path, allowed_labels=allowed_mask_values(plan))
     spacing = img_v.spacing
     norm = normalize_ct(img_v.array, plan.normalization, job.image_path)
     for folder, sname in todo:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from lib.imaging.components import postprocess_labels, spine_bbox
 from lib.imaging.instances import split_at_necks
 from lib.imaging.resampling import resample_image, resample_labels, resampled_shape
 from lib.io.integrity import IntegrityError, image_faults
-from lib.io.nifti import load_volume, save_like, strip_nifti_suffix
+from lib.io.nifti import load_ct, save_like, strip_nifti_suffix
 from lib.ml.checkpoint import load_weights
 from lib.ml.device import resolve_device
 from lib.ml.losses import level_from_ordinal
@@ -134,8 +135,9 @@ def window_size(stage: StagePlan, plan: Plan, image_shape: Sequence[int]) -> lis
 
 
 def predict_stage_argmax(net, image: np.ndarray, stage: StagePlan, plan: Plan, n_classes: int, device,
-                         tta: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
-    """Class argmax (uint8, stage grid) of one stage over a whole normalised image."""
+                         tta: bool = False, transform=None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Class argmax (uint8, stage grid) of one stage over a whole normalised image (or a CT in HU
+    with ``transform`` = its normalisation, applied window by window)."""
     out = np.zeros(image.shape, dtype=np.uint8)
 
     def consume(z0, z1, probs):
@@ -144,7 +146,7 @@ def predict_stage_argmax(net, image: np.ndarray, stage: StagePlan, plan: Plan, n
     info = sliding_window(net, image, window_size(stage, plan, image.shape), n_classes, consume,
                           plan.inference.get("overlap", 0.25), plan.inference.get("gaussian_sigma_scale", 0.125),
                           pad_value(plan.normalization), device, plan.inference.get("tta_axes", [0]) if tta else (),
-                          z_coord=stage.z_coord)
+                          z_coord=stage.z_coord, transform=transform)
     return out, info
 
 
@@ -187,7 +189,7 @@ def predict_volume(model: LoadedModel | str | Path, ct_hu: np.ndarray, spacing: 
 
     Args:
         model: a :class:`LoadedModel` or a model folder.
-        ct_hu: CT in HU, (x, y, z) RAS+ (as :func:`lib.io.load_volume` returns it).
+        ct_hu: CT in HU, (x, y, z) RAS+ (as :func:`lib.io.load_ct` returns it).
         spacing: voxel size (mm) of ``ct_hu``.
         tta: mirror test-time augmentation (left-right).
         postprocess: apply the plan's post-processing (default True).
@@ -201,7 +203,7 @@ def predict_volume(model: LoadedModel | str | Path, ct_hu: np.ndarray, spacing: 
     t0 = time.perf_counter()
     spacing = [float(s) for s in spacing]
     ct = np.asarray(ct_hu)
-    norm = normalize_ct(ct, plan.normalization)
+    norm = None  # the normalised CT (float32, input grid): made when a stage needs it whole
     outs: dict[str, _StageOutput] = {}
     lab = np.zeros(ct.shape, dtype=np.uint8)
     last = plan.stages[-1]
@@ -217,15 +219,30 @@ def predict_volume(model: LoadedModel | str | Path, ct_hu: np.ndarray, spacing: 
             lo = np.maximum(prev[0] - margin, 0)
             hi = np.minimum(prev[1] + margin, ct.shape)
             box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-        roi = norm[box]
-        shape_t = resampled_shape(roi.shape, spacing, st.spacing_mm)
-        img = resample_image(roi, shape_t) if tuple(shape_t) != roi.shape else roi
+        roi_shape = tuple(b.stop - b.start for b in box)
+        shape_t = resampled_shape(roi_shape, spacing, st.spacing_mm)
         net, n_cls = m.nets[st.name], st.n_classes(plan)
         if st is last and st.task == "labels":  # single: memory-bounded argmax on the stage grid
-            cls, _ = predict_stage_argmax(net, img, st, plan, n_cls, m.device, tta)
+            if tuple(shape_t) == roi_shape and min(np.subtract(roi_shape, window_size(st, plan, roi_shape))) >= 0:
+                # the windows read the CT itself and normalise each window: no float32 copy of the volume
+                img, transform = ct[box], partial(normalize_ct, normalization=plan.normalization)
+            elif tuple(shape_t) != roi_shape:  # normalised slab by slab on the way to the stage grid
+                img, transform = resample_image(ct[box], shape_t, transform=partial(
+                    normalize_ct, normalization=plan.normalization)), None
+            else:  # smaller than a window: padded, so normalised whole (a small image)
+                img, transform = normalize_ct(ct[box], plan.normalization), None
+            norm = None  # no later stage reads it: the input-grid float copy goes before the windows run
+            cls, _ = predict_stage_argmax(net, img, st, plan, n_cls, m.device, tta, transform)
+            del img
             sub = plan.class_to_label()[cls]
-            lab[box] = resample_labels(sub, roi.shape) if sub.shape != roi.shape else sub
+            del cls
+            lab[box] = resample_labels(sub, roi_shape) if sub.shape != roi_shape else sub
             break
+        if norm is None:
+            norm = normalize_ct(ct, plan.normalization)
+        roi = norm[box]
+        img = resample_image(roi, shape_t) if tuple(shape_t) != roi_shape else roi
+        del roi
         if st.task == "labels":
             probs, _ = predict_stage_probs(net, img, st, plan, n_cls, m.device, tta)
             fg_t, fg_prob = probs[0] < 0.5, None
@@ -238,7 +255,7 @@ def predict_volume(model: LoadedModel | str | Path, ct_hu: np.ndarray, spacing: 
             fg_t = fg_prob > 0.5
         bb = spine_bbox(fg_t)
         if bb is not None:  # stage voxels -> input-grid voxels (edges aligned)
-            scale = np.asarray(roi.shape) / np.asarray(shape_t)
+            scale = np.asarray(roi_shape) / np.asarray(shape_t)
             start = np.array([b.start for b in box])
             bb = (np.floor(start + bb[0] * scale + 1e-3).astype(int), np.ceil(start + bb[1] * scale - 1e-3).astype(int))
         outs[st.name] = _StageOutput(box, tuple(shape_t), probs, fg_prob, bb)
@@ -336,7 +353,7 @@ def predict_case(model: LoadedModel | str | Path, image_path: str | Path, out_pa
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
         return out_path
-    vol = load_volume(image_path)
+    vol = load_ct(image_path)  # int16 HU (float32 when the file's values are not int16)
     faults = image_faults(vol, image_path)  # NaN/inf would give an empty mask "successfully"
     if faults:
         raise IntegrityError(faults)

@@ -51,7 +51,8 @@ import numpy as np
 from lib.core.labels import VERSE_LABELS, ordered
 from lib.core.parallel import map_cases
 from lib.core.seeding import stable_rng
-from lib.io.nifti import load_volume
+from lib.io.integrity import load_mask
+from lib.io.nifti import load_ct
 from lib.ml.networks import build_network, count_parameters
 from lib.ml.plans import PROFILE_KINDS, Plan, StagePlan, divisibility, validate_plan
 
@@ -66,8 +67,8 @@ def fingerprint_case(item: tuple[str, str, str]) -> dict[str, Any]:
         in HU drawn, seeded by the case id, from voxels with a label > 0).
     """
     case_id, image_path, mask_path = item
-    img = load_volume(image_path)
-    msk = load_volume(mask_path)
+    img = load_ct(image_path)
+    msk = load_mask(mask_path)
     if img.shape != msk.shape:
         raise ValueError(f"{mask_path}: mask shape {msk.shape} differs from image shape {img.shape} ({image_path})")
     m = np.asarray(msk.array) > 0
@@ -81,7 +82,7 @@ def fingerprint_case(item: tuple[str, str, str]) -> dict[str, Any]:
         "case_id": str(case_id),
         "shape": [int(s) for s in img.shape],
         "spacing_mm": [float(s) for s in img.spacing],
-        "labels": [int(v) for v in np.unique(msk.array) if v != 0],
+        "labels": sorted(int(v) for v, n in msk.meta["label_scan"].counts.items() if v != 0 and n),
         "fg_extent_mm": fg_extent,
         "fg_samples": fg.tolist(),
     }

@@ -42,7 +42,8 @@ def normalize_ct(hu: np.ndarray, normalization: dict[str, Any], path: str | Path
     """
     require_finite(hu, path)
     lo, hi = normalization["clip_hu"]
-    out = np.clip(np.asarray(hu, dtype=np.float32), lo, hi)
+    out = np.array(hu, dtype=np.float32)  # the one float32 copy; clipped and scaled in place
+    np.clip(out, lo, hi, out=out)
     out -= np.float32(normalization["mean"])
     out /= np.float32(normalization["std"])
     return out
@@ -83,7 +84,7 @@ def mask_to_classes(mask: np.ndarray, plan: Plan, task: str, path: str | Path = 
     if m.min() < 0 or m.max() > 255:
         raise ValueError(f"{path}: mask values {int(m.min())}..{int(m.max())} outside 0..255")
     lut = label_lookup(plan, task)
-    out = lut[m.astype(np.int64)]
+    out = lut[m] if m.dtype in (np.uint8, np.uint16) else lut[m.astype(np.intp)]  # a uint8 mask: no index copy
     if (out == 255).any():
         bad = sorted(int(v) for v in np.unique(m[out == 255]))
         raise ValueError(f"{path}: label values {bad} are not in the plan's labels {plan.labels} "

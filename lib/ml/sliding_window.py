@@ -1,7 +1,8 @@
 """Gaussian-weighted sliding windows over a volume, slab by slab along z (memory bounded).
 
-A slab's class probabilities are handed on as soon as no later window touches it, so at most about two patch
-heights of all-class probabilities exist at once (float16 when that buffer would exceed 1 GiB).
+A slab's class probabilities are handed on as soon as no later window touches it, so one patch height of
+all-class probabilities exists at once (one fixed buffer, shifted in place; float16 when it would exceed 1 GiB
+as float32), and they are handed on a few slices at a time (:data:`EMIT_VOXELS`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,20 @@ import torch
 from lib.ml.sampling import z_channel
 
 FLOAT16_ABOVE_BYTES = 1 << 30
+"""An all-class accumulation buffer larger than this (as float32) is kept in float16."""
+EMIT_VOXELS = 1 << 24
+"""Class-probability values handed to ``consume`` at once (float32: 64 MiB)."""
+
+
+def _shift(buf, k: int, dim: int) -> None:
+    """Move ``buf``'s slices ``k..`` along ``dim`` to the front, in place, and zero the last ``k``
+    (pieces of at most ``k`` slices, front to back, so no copy reads what it overwrote)."""
+    n = buf.shape[dim]
+    k = min(int(k), n)
+    for i in range(0, n - k, k):
+        m = min(k, n - k - i)
+        buf.narrow(dim, i, m).copy_(buf.narrow(dim, i + k, m))
+    buf.narrow(dim, n - k, k).zero_()
 
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:
@@ -81,7 +96,7 @@ def _predict_tile(net, x, act: Callable, tta_axes: Sequence[int], device, use_am
 def sliding_window(net, image: np.ndarray, patch: Sequence[int], n_classes: int, consume: Callable,
                    overlap: float = 0.25, sigma_scale: float = 0.125, fill: float = 0.0, device=None,
                    tta_axes: Sequence[int] = (), amp: bool = True, activation: str = "softmax",
-                   z_coord: bool = False) -> dict[str, Any]:
+                   z_coord: bool = False, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
     """Run ``net`` over ``image`` and hand finished z-slabs of class probabilities to ``consume``.
 
     Args:
@@ -100,6 +115,9 @@ def sliding_window(net, image: np.ndarray, patch: Sequence[int], n_classes: int,
         activation: ``"softmax"`` over channels, or ``"sigmoid"`` per channel (``levels`` stages).
         z_coord: add the craniocaudal coordinate channel (-1..1 over the image's z extent, see
             :func:`lib.ml.sampling.z_channel`) as the network's second input.
+        transform: applied to each window of ``image`` before the network sees it (elementwise,
+            e.g. the CT normalisation, so an int16 CT needs no float32 copy of the whole volume);
+            ``image`` must then be at least ``patch`` in every axis (no padding).
 
     Returns:
         ``{"windows": int, "max_buffer_z": int, "buffer_dtype": str}`` (for tests and benchmarks).
@@ -107,32 +125,33 @@ def sliding_window(net, image: np.ndarray, patch: Sequence[int], n_classes: int,
     device = device or next(net.parameters()).device
     shape = np.asarray(image.shape)
     patch = [int(p) for p in patch]
-    img, off = _pad_to_patch(image, patch, fill)
+    if transform is not None:
+        if np.any(shape < np.asarray(patch)):
+            raise ValueError(f"sliding_window: transform needs an image of at least the patch {patch}, got "
+                             f"{tuple(int(n) for n in shape)}")
+        img, off = image, np.zeros(3, dtype=int)
+    else:
+        img, off = _pad_to_patch(image, patch, fill)
     padded = np.asarray(img.shape)
     nx, ny, nz = (int(v) for v in padded)
     zc = z_channel(np.arange(nz) - off[2], 0, int(shape[2])) if z_coord else None
     starts = [window_starts(int(padded[a]), patch[a], overlap) for a in range(3)]
     weight = torch.from_numpy(gaussian_importance(patch, sigma_scale)).to(device)
-    est_bytes = n_classes * nx * ny * (patch[2] * 2) * 4
+    depth = patch[2]  # after each row of windows the finished slices leave: patch[2] slices are ever needed
+    est_bytes = n_classes * nx * ny * depth * 4
     acc_dtype = torch.float16 if est_bytes > FLOAT16_ABOVE_BYTES else torch.float32
-    buf_lo = 0
-    acc = torch.zeros((n_classes, nx, ny, 0), dtype=acc_dtype, device=device)
-    wsum = torch.zeros((nx, ny, 0), dtype=torch.float32, device=device)
+    acc = torch.zeros((n_classes, nx, ny, depth), dtype=acc_dtype, device=device)
+    wsum = torch.zeros((nx, ny, depth), dtype=torch.float32, device=device)
+    emit_z = max(1, EMIT_VOXELS // max(1, n_classes * int(shape[0]) * int(shape[1])))
     use_amp = amp and getattr(device, "type", str(device)) == "cuda"
     act = _activation(activation)
-    n_win, max_buf = 0, 0
+    n_win, buf_lo, emitted = 0, 0, 0
     zs = starts[2]
-    emitted = 0
     for gi, z0 in enumerate(zs):
-        need_hi = z0 + patch[2]
-        cur_hi = buf_lo + acc.shape[3]
-        if need_hi > cur_hi:
-            extra = need_hi - cur_hi
-            acc = torch.cat([acc, torch.zeros((n_classes, nx, ny, extra), dtype=acc_dtype, device=device)], dim=3)
-            wsum = torch.cat([wsum, torch.zeros((nx, ny, extra), dtype=torch.float32, device=device)], dim=2)
-        max_buf = max(max_buf, acc.shape[3])
         for x0, y0 in itertools.product(starts[0], starts[1]):
             tile = img[x0:x0 + patch[0], y0:y0 + patch[1], z0:z0 + patch[2]]
+            if transform is not None:
+                tile = transform(np.ascontiguousarray(tile))
             if zc is not None:
                 tile = np.stack([tile, np.broadcast_to(zc[z0:z0 + patch[2]], tile.shape)])
             else:
@@ -140,23 +159,24 @@ def sliding_window(net, image: np.ndarray, patch: Sequence[int], n_classes: int,
             x = torch.from_numpy(np.ascontiguousarray(tile))[None].to(device)
             prob = _predict_tile(net, x, act, tta_axes, device, use_amp)
             zl = z0 - buf_lo
-            acc[:, x0:x0 + patch[0], y0:y0 + patch[1], zl:zl + patch[2]] += (prob * weight).to(acc_dtype)
+            acc[:, x0:x0 + patch[0], y0:y0 + patch[1], zl:zl + patch[2]] += prob.mul_(weight).to(acc_dtype)
             wsum[x0:x0 + patch[0], y0:y0 + patch[1], zl:zl + patch[2]] += weight
+            del prob
             n_win += 1
-        done_hi = zs[gi + 1] if gi + 1 < len(zs) else buf_lo + acc.shape[3]
+        done_hi = zs[gi + 1] if gi + 1 < len(zs) else buf_lo + depth
         k = done_hi - buf_lo
-        if k > 0:
-            # padded slices buf_lo..buf_lo+k hold image slices buf_lo-off..: emit the image part
-            lo, hi = max(buf_lo, int(off[2])), min(buf_lo + k, int(off[2] + shape[2]))
-            if hi > lo:
-                probs = (acc[..., lo - buf_lo:hi - buf_lo].float()
-                         / wsum[..., lo - buf_lo:hi - buf_lo].clamp_min(1e-8)).cpu().numpy()
-                consume(lo - int(off[2]), hi - int(off[2]),
-                        probs[:, off[0]:off[0] + shape[0], off[1]:off[1] + shape[1]])
-                emitted = hi - int(off[2])
-            acc = acc[..., k:]
-            wsum = wsum[..., k:]
-            buf_lo += k
+        # padded slices buf_lo..buf_lo+k hold image slices buf_lo-off..: emit the image part, a few at a time
+        lo, hi = max(buf_lo, int(off[2])), min(buf_lo + k, int(off[2] + shape[2]))
+        for c0 in range(lo, hi, emit_z):
+            c1 = min(hi, c0 + emit_z)
+            a, b = c0 - buf_lo, c1 - buf_lo
+            part = acc[:, off[0]:off[0] + shape[0], off[1]:off[1] + shape[1], a:b].to(torch.float32, copy=True)
+            part /= wsum[off[0]:off[0] + shape[0], off[1]:off[1] + shape[1], a:b].clamp_min(1e-8)
+            consume(c0 - int(off[2]), c1 - int(off[2]), part.cpu().numpy())
+            emitted = c1 - int(off[2])
+        _shift(acc, k, dim=3)
+        _shift(wsum, k, dim=2)
+        buf_lo += k
     if emitted != int(shape[2]):  # pragma: no cover - guarded by construction
         raise RuntimeError(f"sliding window emitted {emitted} of {shape[2]} slices")
-    return {"windows": n_win, "max_buffer_z": max_buf, "buffer_dtype": str(acc_dtype).replace("torch.", "")}
+    return {"windows": n_win, "max_buffer_z": depth, "buffer_dtype": str(acc_dtype).replace("torch.", "")}

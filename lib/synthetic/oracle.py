@@ -26,7 +26,7 @@ import pandas as pd
 
 from lib.core.paths import ProfilePaths
 from lib.imaging.resampling import resample_labels_to
-from lib.io import Volume, load_volume, save_volume, write_text
+from lib.io import Volume, load_mask, save_volume, write_text
 
 INDEX_COLUMNS = (
     "source", "patient_id", "source_key", "series_description", "time_point", "n_thoracic", "n_lumbar",
@@ -123,7 +123,7 @@ def load_truth(paths: ProfilePaths, source: str, source_key: str, target: Volume
     """
     row = _row(paths, source, source_key)
     mpath = Path(paths.oracle) / row["mask_path"]
-    truth = load_volume(mpath, canonical=True, dtype=np.uint8)
+    truth = load_mask(mpath, canonical=True)
     return resample_labels_to(truth.array, truth.affine, target.shape, target.affine)
 
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from lib.core import labels as L
 from lib.core.cases import Case
-from lib.io.nifti import load_volume
+from lib.io.integrity import load_mask
+from lib.io.nifti import load_ct
 from lib.metrics.overlap import dice_per_label
 from lib.viz.style import LABEL_VMAX, WINDOWS, label_cmap, save_figure, window_limits
 
@@ -84,9 +85,9 @@ def render_view(image: np.ndarray, spacing, truth: np.ndarray | None = None, pre
 
 def load_case(case: Case):
     """``(image Volume, truth uint8 or None, prediction uint8 or None)`` of a case (absent files: None)."""
-    img = load_volume(case.image)
-    truth = load_volume(case.mask).array.astype(np.uint8) if case.mask and Path(case.mask).exists() else None
-    pred = load_volume(case.prediction).array.astype(np.uint8) if case.prediction and Path(case.prediction).exists() \
+    img = load_ct(case.image)
+    truth = load_mask(case.mask).array.astype(np.uint8, copy=False) if case.mask and Path(case.mask).exists() else None
+    pred = load_mask(case.prediction).array.astype(np.uint8, copy=False) if case.prediction and Path(case.prediction).exists() \
         else None
     return img, truth, pred
 

@@ -19,7 +19,8 @@ from lib.core import labels as L
 from lib.core.cases import Case
 from lib.core.paths import SPLITS
 from lib.datasets.ctspine1k.ids import infer_source
-from lib.io.nifti import load_volume, strip_nifti_suffix
+from lib.io.integrity import load_mask
+from lib.io.nifti import load_ct, strip_nifti_suffix
 from lib.metrics.centroids import centroids_mm
 from lib.viz.style import show_sagittal, spine_sagittal_index
 
@@ -39,9 +40,9 @@ def plot_gallery(scores: pd.DataFrame, cases: Sequence[Case]) -> Figure:
     fig, axes = plt.subplots(2, 3, figsize=(11, 8))
     for col, (name, row) in enumerate(picks):
         c = by_key[(row["set"], row["case_id"])]
-        img = load_volume(c.image)
-        gt = load_volume(c.mask).array
-        pr = load_volume(c.prediction).array
+        img = load_ct(c.image)
+        gt = load_mask(c.mask).array
+        pr = load_mask(c.prediction).array
         x = spine_sagittal_index(gt, img.shape)
         for r, (what, m) in enumerate((("truth", gt), ("prediction", pr))):
             ax = axes[r][col]
@@ -83,9 +84,9 @@ def plot_shift_cases(shift: pd.DataFrame, cases: Sequence[Case], corrected: Mapp
     for r, (_, row) in enumerate(sel.iterrows()):
         key = (row["set"], row["case_id"])
         c = by_key[key]
-        img = load_volume(c.image)
-        masks = [("truth", load_volume(c.mask).array), ("prediction", load_volume(c.prediction).array),
-                 ("corrected", load_volume(corrected[key]).array)]
+        img = load_ct(c.image)
+        masks = [("truth", load_mask(c.mask).array), ("prediction", load_mask(c.prediction).array),
+                 ("corrected", load_mask(corrected[key]).array)]
         x = spine_sagittal_index(masks[0][1], img.shape)
         inv = np.linalg.inv(img.affine)
         for col, (what, m) in enumerate(masks):
@@ -120,7 +121,7 @@ def plot_release_previews(release_dir: str | Path, patterns: Mapping[str, Sequen
     n = max(1, len(picks))
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 4.2), squeeze=False)
     for ax, (src, f) in zip(axes[0], sorted(picks.items()), strict=False):
-        v = load_volume(f)
+        v = load_ct(f)
         a = np.asarray(v.array)
         show_sagittal(ax, a, None, a.shape[0] // 2, v.spacing)
         ax.set_title(f"{src}\n{strip_nifti_suffix(f)[:26]}", fontsize=8)

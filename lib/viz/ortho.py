@@ -15,7 +15,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from lib.core import labels as L
-from lib.io.nifti import load_volume
+from lib.io.integrity import load_mask
+from lib.io.nifti import load_ct
 from lib.viz.style import LABEL_VMAX, label_cmap, window_limits
 
 
@@ -127,9 +128,9 @@ def plot_prediction(image_path: str | Path, truth_path: str | Path | None, pred_
     Returns:
         A matplotlib Figure (save it with :func:`lib.viz.style.save_figure`).
     """
-    ct = load_volume(image_path)
-    pred = load_volume(pred_path).array
-    truth = load_volume(truth_path).array if truth_path is not None else None
+    ct = load_ct(image_path)
+    pred = load_mask(pred_path).array
+    truth = load_mask(truth_path).array if truth_path is not None else None
     ref = truth if truth is not None and truth.any() else pred
     ix, iy, _ = default_slices(ref, ct.shape)
     sx, sy, sz = ct.spacing

@@ -71,3 +71,15 @@ def test_resample_is_nearest_neighbour_by_world_coordinates():
     out2 = resampling.resample_labels_to(lab, aff, lab.shape, tgt2)
     np.testing.assert_array_equal(out2, lab)
     assert set(np.unique(out2)) <= set(np.unique(lab))
+
+
+@pytest.mark.parametrize(("shape", "new"), [((37, 41, 53), (20, 70, 31)), ((30, 30, 9), (45, 12, 80)),
+                                            ((16, 16, 40), (16, 16, 17))])
+def test_resample_image_in_slabs_equals_the_whole_volume_axis_by_axis(rng, shape, new):
+    img = (rng.normal(size=shape) * 100).astype(np.float32)
+    ref = img
+    for axis in range(3):
+        if ref.shape[axis] != new[axis]:
+            ref = resampling.interp_axis(ref, axis, resampling.source_coords(shape[axis], new[axis]))
+    for slab in (resampling.RESAMPLE_SLAB_VOXELS, 7 * new[0] * new[1], 1):
+        assert np.array_equal(resampling.resample_image(img, new, slab_voxels=slab), ref)

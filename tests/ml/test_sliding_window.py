@@ -72,3 +72,43 @@ def test_gaussian_importance_peaks_in_the_centre():
     assert w.min() > 0
     assert np.unravel_index(np.argmax(w), w.shape)[:2] == (4, 5)
     assert np.allclose(w, w[::-1, ::-1, ::-1])
+
+
+def test_probabilities_are_handed_on_a_few_slices_at_a_time_with_the_same_values(monkeypatch):
+    rng = np.random.default_rng(3)
+    img = rng.normal(0, 2, (12, 10, 70)).astype(np.float32)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(4, 4, 1)).eval()
+
+    def run():
+        got, seen = np.zeros((4, *img.shape), np.float32), []
+
+        def consume(z0, z1, probs):
+            seen.append(z1 - z0)
+            got[..., z0:z1] = probs
+
+        info = sliding_window.sliding_window(net, img, (8, 8, 16), 4, consume, overlap=0.5)
+        return got, seen, info
+
+    whole, seen_whole, _ = run()
+    monkeypatch.setattr(sliding_window, "EMIT_VOXELS", 4 * 12 * 10 * 3)  # three slices of all classes
+    parts, seen_parts, info = run()
+    assert np.array_equal(parts, whole)
+    assert max(seen_parts) <= 3 < max(seen_whole)
+    assert sum(seen_parts) == 70
+    assert info["max_buffer_z"] == 16  # one patch height, shifted in place
+    # the float16 buffer (what paper-scale volumes use) stays within float16 rounding of float32
+    monkeypatch.setattr(sliding_window, "FLOAT16_ABOVE_BYTES", 0)
+    half, _, info16 = run()
+    assert info16["buffer_dtype"] == "float16"
+    assert np.abs(half - whole).max() < 2e-3
+    assert (half.argmax(0) == whole.argmax(0)).mean() > 0.999
+
+
+def test_shift_moves_the_unfinished_slices_to_the_front_and_zeroes_the_rest():
+    buf = torch.arange(2 * 10, dtype=torch.float32).reshape(2, 10)
+    ref = torch.cat([buf[:, 3:], torch.zeros(2, 3)], dim=1)
+    sliding_window._shift(buf, 3, dim=1)  # overlapping move (7 slices by 3)
+    assert torch.equal(buf, ref)
+    full = torch.ones(3, 4)
+    sliding_window._shift(full, 4, dim=1)
+    assert not full.any()

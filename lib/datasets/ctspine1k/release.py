@@ -20,7 +20,8 @@ from lib.core.cases import Case
 from lib.core.paths import SPLITS, ProfilePaths
 from lib.datasets.ctspine1k.ids import count_by_source_split, infer_source
 from lib.io.atomic import write_text
-from lib.io.nifti import NiftiReadError, canonical_geometry, load_volume, strip_nifti_suffix
+from lib.io.integrity import load_mask
+from lib.io.nifti import NiftiReadError, canonical_geometry, strip_nifti_suffix
 
 
 def find_special_cases(release_dir: str | Path, min_gap_mm: float = 20.0) -> dict[str, list[str]]:
@@ -47,9 +48,9 @@ def find_special_cases(release_dir: str | Path, min_gap_mm: float = 20.0) -> dic
 
 
 def mask_stats(mask_path: Path, min_gap_mm: float = 20.0) -> dict[str, Any]:
-    v = load_volume(mask_path)
+    v = load_mask(mask_path)
     arr = np.asarray(v.array)
-    present = [int(x) for x in np.unique(arr) if x in L.LABELS]
+    present = sorted(x for x, n in v.meta["label_scan"].counts.items() if n and x in L.LABELS)
     regions = Counter(L.region(x) for x in present)
     sacral = False
     if 23 in present and 24 not in present and 25 not in present:
