@@ -47,13 +47,14 @@ def postprocess_labels(labels: np.ndarray, spacing: Sequence[float], largest_com
                 sub[drop] = 0
                 dropped[sl] |= drop
         if relabel_fragments and dropped.any() and out.any():
-            box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(dropped | (out > 0)))
+            first, last = nonzero_extent(dropped | (out > 0))  # from projections: no coordinate arrays
+            box = tuple(slice(max(int(a) - 1, 0), int(b) + 2) for a, b in zip(first, last, strict=True))
             sub, dsub = out[box], dropped[box]
             frag, nf = ndimage.label(dsub, structure=struct)
             touching = np.unique(frag[ndimage.binary_dilation(sub > 0, structure=struct) & (frag > 0)])
             dsub = np.isin(frag, touching[touching > 0])  # fragments attached to the kept spine
             if dsub.any():
-                _, ind = ndimage.distance_transform_edt(sub == 0, return_indices=True)
+                ind = ndimage.distance_transform_edt(sub == 0, return_distances=False, return_indices=True)
                 sub[dsub] = sub[tuple(i[dsub] for i in ind)]
     if min_component_mm3 > 0:
         vox = float(np.prod(spacing))
