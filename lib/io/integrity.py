@@ -436,16 +436,23 @@ def check_pair(image_path: str | Path, mask_path: str | Path | None = None,
     Returns:
         A list of :class:`Fault` s, empty when the pair is usable. Each names its file.
     """
-    img, faults = load_checked(image_path, canonical=False, kind="image")
+    if mask_path is None:
+        return check_image(image_path)
+    return _read_pair(image_path, mask_path, allowed_labels, affine_atol_mm, require_nonempty, canonical=False)[2]
+
+
+def _read_pair(image_path: str | Path, mask_path: str | Path, allowed_labels: Iterable[int] | None,
+               affine_atol_mm: float, require_nonempty: bool, canonical: bool,
+               ) -> tuple[Volume | None, Volume | None, list[Fault]]:
+    """Read a CT (:func:`lib.io.load_ct`) and its mask (:func:`read_mask`), each once; their faults."""
+    img, faults = load_checked(image_path, canonical=canonical, kind="image")
     if img is not None:
         faults = image_faults(img, image_path)
-    if mask_path is None:
-        return faults
-    msk, mask_read = load_checked(mask_path, canonical=False, kind="mask")
+    msk, mask_read = load_checked(mask_path, canonical=canonical, kind="mask")
     if msk is None:
-        return faults + mask_read
-    return faults + mask_faults(msk, img, allowed_labels=allowed_labels, require_nonempty=require_nonempty,
-                                affine_atol_mm=affine_atol_mm, path=mask_path)
+        return img, None, faults + mask_read
+    return img, msk, faults + mask_faults(msk, img, allowed_labels=allowed_labels, require_nonempty=require_nonempty,
+                                          affine_atol_mm=affine_atol_mm, path=mask_path)
 
 
 def load_pair(image_path: str | Path, mask_path: str | Path, allowed_labels: Iterable[int] | None = None,
@@ -460,15 +467,7 @@ def load_pair(image_path: str | Path, mask_path: str | Path, allowed_labels: Ite
     Raises:
         IntegrityError: every fault of the pair, each naming its file.
     """
-    img, faults = load_checked(image_path, canonical=canonical, kind="image")
-    if img is not None:
-        faults = image_faults(img, image_path)
-    msk, mask_read = load_checked(mask_path, canonical=canonical, kind="mask")
-    if msk is None:
-        faults += mask_read
-    else:
-        faults += mask_faults(msk, img, allowed_labels=allowed_labels, require_nonempty=require_nonempty,
-                              affine_atol_mm=affine_atol_mm, path=mask_path)
+    img, msk, faults = _read_pair(image_path, mask_path, allowed_labels, affine_atol_mm, require_nonempty, canonical)
     if faults:
         raise IntegrityError(faults)
     return img, msk

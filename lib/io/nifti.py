@@ -165,7 +165,7 @@ def _read_error(path: Path, exc: Exception) -> NiftiReadError:
 
 
 SLAB_VOXELS = 1 << 22
-"""Voxels per slab when a volume is read slab by slab (:func:`iter_slabs`; bounds the temporaries)."""
+"""Voxels per slab when a volume is read slab by slab (:meth:`NiftiFile.slabs`; bounds the temporaries)."""
 
 
 @dataclass
@@ -196,11 +196,12 @@ class NiftiFile:
             raise _read_error(self.path, exc) from exc
         return data[..., 0] if data.ndim == 4 else data
 
-    def slabs(self, max_voxels: int = SLAB_VOXELS):
+    def slabs(self, max_voxels: int | None = None):
         """Yield ``(k0, k1, slab)`` along the file's last voxel axis (as :meth:`read` scales them),
-        reading the file once, front to back."""
+        reading the file once, front to back; slabs of at most ``max_voxels`` (default
+        :data:`SLAB_VOXELS`) voxels, at least one slice."""
         per = max(1, self.shape[0] * self.shape[1])
-        step = max(1, int(max_voxels) // per)
+        step = max(1, int(SLAB_VOXELS if max_voxels is None else max_voxels) // per)
         four_d = len(self.image.shape) == 4
         for k0 in range(0, self.shape[2], step):
             k1 = min(self.shape[2], k0 + step)

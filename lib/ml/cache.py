@@ -66,17 +66,6 @@ def allowed_mask_values(plan: Plan) -> list[int]:
     return [v for v in range(1, 256) if plan.label_map.get(v, v) == 0 or plan.label_map.get(v, v) in plan.labels]
 
 
-def require_cacheable(image_path: str | Path, mask_path: str | Path, plan: Plan) -> None:
-    """:func:`lib.io.check_pair` of a training pair against the plan's label set.
-
-    Raises:
-        IntegrityError: the faults, each naming its file.
-    """
-    faults = check_pair(image_path, mask_path, allowed_labels=allowed_mask_values(plan))
-    if faults:
-        raise IntegrityError(faults)
-
-
 @dataclass(frozen=True)
 class CacheJob:
     """One case to cache for some stages (picklable for :func:`lib.core.parallel.map_cases`)."""
@@ -126,7 +115,7 @@ def cache_case(job: CacheJob) -> dict[str, dict[str, Any]]:
     if not todo:
         return out
     plan = plan_from_dict(job.plan)
-    # each file read once (CT int16/float32, mask uint8) and checked as require_cacheable does
+    # each file read once (CT int16/float32, mask uint8) and checked against the plan's label set
     img_v, msk_v = load_pair(job.image_path, job.mask_path, allowed_labels=allowed_mask_values(plan))
     spacing = img_v.spacing
     norm = normalize_ct(img_v.array, plan.normalization, job.image_path)
@@ -185,7 +174,7 @@ def build_caches(cases: Sequence[Sequence[str]], plan: Plan, stages: Sequence[st
     """Preprocess ``(case_id, image_path, mask_path)`` cases for several stages (one read per case).
 
     Re-runs skip cases whose cache matches the source files (see :func:`_source_stamp`); the
-    others are checked (:func:`require_cacheable`) and preprocessed.
+    others are checked (:func:`lib.io.load_pair` against :func:`allowed_mask_values`) and preprocessed.
 
     Returns:
         ``{stage: (folder, metas)}``: each stage's cache folder and per-case metadata (input order).

@@ -41,7 +41,6 @@ def _labels(shape=(20, 24, 30), top=25, seed=0):
 def small_slabs(monkeypatch):
     """Slabs of 2 x 20 x 24 voxels: every read goes through many slabs."""
     monkeypatch.setattr(nifti_mod, "SLAB_VOXELS", 2 * 20 * 24)
-    monkeypatch.setattr(nifti_mod.NiftiFile.slabs, "__defaults__", (2 * 20 * 24,))
 
 
 @pytest.mark.parametrize(("top", "dtype"), [(25, np.uint8), (300, np.uint16), (70000, np.uint32)])
@@ -118,7 +117,7 @@ def test_four_d_single_frame_mask(tmp_path):
 def test_reading_a_float64_mask_never_holds_a_float64_copy(tmp_path, monkeypatch):
     shape = (64, 64, 200)  # 6.6 MB as float64, 0.8 MB as uint8
     p = _write(tmp_path / "big_msk.nii", _labels(shape, top=24), dtype=np.float64)
-    monkeypatch.setattr(nifti_mod.NiftiFile.slabs, "__defaults__", (64 * 64 * 8,))
+    monkeypatch.setattr(nifti_mod, "SLAB_VOXELS", 64 * 64 * 8)
     tracemalloc.start()
     vol = load_mask(p)
     _, peak = tracemalloc.get_traced_memory()
